@@ -1,0 +1,158 @@
+"""Typed configs with the paper's defaults (Time-VLM, ICML 2025), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from timevlm.errors import ConfigError
+
+VLM_VARIANTS = ("custom", "clip", "vilt", "blip2")
+MODEL_KINDS = ("timevlm", "dlinear", "patchtst")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture settings. Defaults follow the paper (DESIGN.md section 5)."""
+
+    seq_len: int = 512
+    pred_len: int = 96
+    n_vars: int | None = None  # None: taken from the dataset
+    periodicity: int | None = None  # None: the dataset's period (24 ETTh, 96 ETTm, 144 Weather)
+    # RAL: retrieval-augmented (temporal memory) learner
+    d_model: int = 128
+    patch_len: int = 16
+    stride: int = 8
+    padding: int = 8
+    num_queries: int = 8
+    n_heads: int = 4
+    memory_size: int = 32
+    memory_momentum: float = 0.9
+    dropout: float = 0.1
+    # VAL: series -> 3-channel image
+    image_size: int = 64
+    top_k_freqs: int = 5
+    # TAL: series -> prompt
+    max_prompt_tokens: int = 64
+    dataset_name: str = ""
+    dataset_description: str = ""
+    # frozen VLM
+    vlm: str = "custom"
+    vlm_path: str | None = None  # hub id or local dir for clip/vilt/blip2
+    vlm_input_size: int | None = None  # None: the adapter's native input (custom: image_size)
+    vision_tokens: int = 4
+    # fusion + predictor
+    d_fusion: int = 256
+    norm_const: float = 0.4
+    # ablations: each switch removes the branch from the forward pass
+    use_ral: bool = True
+    use_val: bool = True
+    use_tal: bool = True
+    model: Literal["timevlm", "dlinear", "patchtst"] = "timevlm"
+
+    def __post_init__(self) -> None:
+        _require(self.model in MODEL_KINDS, f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+        _require(self.vlm in VLM_VARIANTS, f"unknown VLM {self.vlm!r}; known: {', '.join(VLM_VARIANTS)}")
+        for name in ("seq_len", "pred_len", "d_model", "patch_len", "stride",
+                     "num_queries", "n_heads", "memory_size", "image_size", "d_fusion", "vision_tokens",
+                     "max_prompt_tokens", "top_k_freqs"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                     f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_vars", "periodicity"):
+            v = getattr(self, name)
+            _require(v is None or (isinstance(v, int) and v > 0), f"{name} must be a positive integer, got {v!r}")
+        _require(self.padding >= 0, f"padding must be >= 0, got {self.padding}")
+        _require(self.seq_len > self.patch_len,
+                 f"seq_len ({self.seq_len}) must be greater than patch_len ({self.patch_len})")
+        _require(self.d_model % self.n_heads == 0,
+                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _require(self.d_fusion % self.n_heads == 0,
+                 f"d_fusion ({self.d_fusion}) must be divisible by n_heads ({self.n_heads})")
+        _require(0.0 < float(self.norm_const) <= 10.0, f"norm_const must be in (0, 10], got {self.norm_const}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(0.0 <= self.memory_momentum < 1.0, "memory_momentum must be in [0, 1)")
+        _require(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
+        _require(self.use_ral or self.use_val or self.use_tal,
+                 "at least one of use_ral, use_val, use_tal must be enabled")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.seq_len + self.padding - self.patch_len) // self.stride + 1
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ETTh1"
+    data_dir: str | None = None  # None: $TIMEVLM_DATA_DIR, then ../shared/data
+    percent: int = 100  # few-shot: first percent% of training windows (Time-LLM protocol)
+    test_dataset: str | None = None  # zero-shot: evaluate on another dataset's test split
+    max_windows: int | None = None  # smoke runs only: cap windows per split (evenly spaced)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.percent, int) and 1 <= self.percent <= 100,
+                 f"percent must be an integer in [1, 100], got {self.percent!r}")
+        _require(self.max_windows is None or self.max_windows > 0, "max_windows must be positive")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    lr_schedule: Literal["cosine", "halving", "constant"] = "cosine"
+    seed: int = 2021
+    amp: bool = True  # used only on CUDA
+    device: str = "auto"
+    num_threads: int | None = None
+    grad_clip: float | None = 1.0
+    use_feature_cache: bool = True
+    cache_dir: str | None = None  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        _require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        _require(self.lr_schedule in ("cosine", "halving", "constant"),
+                 f"lr_schedule must be cosine, halving or constant, got {self.lr_schedule!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs; what a Tune trial hands to its workers."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        return cls(
+            model=_build(ModelConfig, d.get("model", {}), "model"),
+            data=_build(DataConfig, d.get("data", {}), "data"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form logged to MLflow as params."""
+        return {f"{sec}.{k}": v for sec, vals in self.to_dict().items() for k, v in vals.items()}
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in '{section}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)

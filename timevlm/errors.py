@@ -1,0 +1,9 @@
+"""Exceptions that name the offending input, so a user can fix it without reading a traceback."""
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting in a config or a study file."""
+
+
+class DataError(ValueError):
+    """A data file that is missing, malformed, or too short for the requested windows."""

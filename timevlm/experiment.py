@@ -1,0 +1,96 @@
+"""One complete run: data splits -> (cached) VLM features -> model -> fit -> test metrics.
+
+`run_experiment` is what a Ray Train worker calls; `python -m timevlm.train` calls it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from timevlm.config import ExperimentConfig, ModelConfig
+from timevlm.data.registry import get_dataset
+from timevlm.data.windows import SplitData, build_splits
+from timevlm.features import FeatureCache, SplitFeatures
+from timevlm.model import build_model
+from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
+from timevlm.model.vlm import load_vlm
+from timevlm.training import EpochMetrics, TrainState, evaluate, fit, resolve_device
+
+
+def resolve_model_config(cfg: ModelConfig, dataset: str) -> ModelConfig:
+    """Fill in what the dataset decides: number of variables, period, description for the prompt."""
+    spec = get_dataset(dataset)
+    return dataclasses.replace(
+        cfg, n_vars=cfg.n_vars or spec.n_vars, periodicity=cfg.periodicity or spec.periodicity,
+        dataset_name=cfg.dataset_name or spec.name, dataset_description=cfg.dataset_description or spec.description)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    return {"params_total": sum(p.numel() for p in model.parameters()),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    splits: dict[str, SplitData]
+    model: torch.nn.Module
+    features: dict[str, SplitFeatures | None] = field(default_factory=dict)
+    cache_info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
+    """Load the splits, build the model, and get the VLM features: from the cache (computed once per key),
+    or through an attached encoder computing them at every step when use_feature_cache is False."""
+    mcfg = resolve_model_config(exp.model, exp.data.dataset)
+    exp = dataclasses.replace(exp, model=mcfg)
+    splits = build_splits(exp.data, mcfg.seq_len, mcfg.pred_len)
+    model = build_model(mcfg)
+    prepared = Prepared(exp, splits, model, {s: None for s in splits})
+    if not getattr(model, "uses_features", False):
+        return prepared
+    device = resolve_device(exp.train.device)
+    freq = get_dataset(exp.data.dataset).freq
+    encoders: dict[str, MultimodalEncoder] = {}
+
+    def make_encoder() -> MultimodalEncoder:
+        if "e" not in encoders:
+            encoders["e"] = MultimodalEncoder(mcfg, load_vlm(mcfg, device), freq)
+        return encoders["e"]
+
+    if not exp.train.use_feature_cache:
+        model.attach_encoder(make_encoder())
+        return prepared
+    cache = FeatureCache(exp.train.cache_dir)
+    settings = encoder_settings(mcfg, freq)
+    t0 = time.perf_counter()
+    for name, split in splits.items():
+        prepared.features[name] = cache.get_or_build(settings, split, make_encoder, progress=progress)
+    prepared.cache_info = {"cache_hits": cache.stats.hits, "cache_builds": cache.stats.builds,
+                           "cache_build_seconds": cache.stats.build_seconds,
+                           "cache_seconds": time.perf_counter() - t0, "cache_root": cache.root}
+    return prepared
+
+
+def run_experiment(exp: ExperimentConfig, *,
+                   on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
+                   resume: TrainState | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+    p = prepared or prepare(exp, progress=exp.train.progress)
+    result = fit(p.model, p.splits["train"], p.splits["val"], p.cfg.train,
+                 train_feats=p.features["train"], val_feats=p.features["val"],
+                 on_epoch_end=on_epoch_end, resume=resume)
+    test = evaluate(p.model, p.splits["test"], p.features["test"])
+    epochs = result.history
+    return {
+        "test_mse": test["mse"], "test_mae": test["mae"], "best_val_mse": result.best_val_mse,
+        "best_epoch": result.best_epoch, "epochs_run": len(epochs), "stopped_early": result.stopped_early,
+        "seconds_per_epoch": float(np.mean([e.seconds for e in epochs])) if epochs else float("nan"),
+        "n_train_windows": len(p.splits["train"]), "n_test_windows": len(p.splits["test"]),
+        **count_parameters(p.model), **p.cache_info,
+        "history": [e.as_dict() for e in epochs],
+    }

@@ -1,0 +1,142 @@
+"""Feature cache: the frozen VLM's outputs for every window of a split, computed once and stored as Parquet.
+
+Key = hash of everything that changes the features: the encoder settings (VAL/TAL code version, image and
+prompt settings, VLM variant, weights identity), the dataset, the split, and the exact windows (content hash
+of the scaled values and of the window starts, so few-shot percent, seq_len and data edits all count).
+
+Storage is a local directory or any fsspec URI (s3://, gs://, ...) given by `root`; on a cluster point it at
+shared storage. Concurrent builders on one node take a file lock, so an entry is computed once; an entry is
+written to a temporary name and renamed into place, so a half-written entry is never read. (Across nodes,
+two nodes may build the same entry at once; both write identical content atomically.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from timevlm.data.windows import SplitData
+from timevlm.model.multimodal import Features, MultimodalEncoder
+
+CACHE_DIR_ENV = "TIMEVLM_CACHE_DIR"
+
+
+def resolve_cache_root(root: str | None = None) -> str:
+    return root or os.environ.get(CACHE_DIR_ENV) or str(Path.cwd() / "feature_cache")
+
+
+def cache_key(settings: dict, split: SplitData) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(f"|{split.dataset}|{split.split}|{split.seq_len}|{split.pred_len}|".encode())
+    h.update(np.ascontiguousarray(split.values).tobytes())
+    h.update(np.ascontiguousarray(split.starts).tobytes())
+    return f"{split.dataset}-{split.split}-L{split.seq_len}-{h.hexdigest()[:20]}"
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    builds: int = 0
+    build_seconds: float = 0.0
+    keys: list[str] = field(default_factory=list)
+
+
+class FeatureCache:
+    def __init__(self, root: str | None = None) -> None:
+        self.root = resolve_cache_root(root).rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        self.fs.makedirs(self.base, exist_ok=True)
+        local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.lock_dir = Path(self.base) if local else Path(tempfile.gettempdir()) / "timevlm-cache-locks"
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        self.stats = CacheStats()
+
+    def path(self, key: str) -> str:
+        return f"{self.base}/{key}.parquet"
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def get_or_build(self, settings: dict, split: SplitData,
+                     make_encoder: Callable[[], MultimodalEncoder], batch_size: int = 256,
+                     progress: bool = True) -> "SplitFeatures":
+        """Load the split's features, building them first (once, under a lock) if they are missing.
+        `make_encoder` is called only on a miss, so cache hits never load the VLM."""
+        key = cache_key(settings, split)
+        self.stats.keys.append(key)
+        if not self.exists(key):
+            with FileLock(str(self.lock_dir / f"{key}.lock")):
+                if not self.exists(key):  # another process may have built it while we waited
+                    t0 = time.perf_counter()
+                    feats = build_features(make_encoder(), split, batch_size, progress)
+                    self._write(key, feats, settings)
+                    self.stats.builds += 1
+                    self.stats.build_seconds += time.perf_counter() - t0
+                    return feats
+        self.stats.hits += 1
+        return self._read(key)
+
+    def _write(self, key: str, feats: "SplitFeatures", settings: dict) -> None:
+        n = len(feats.vision)
+        table = pa.table({
+            "window": pa.array(np.arange(n, dtype=np.int64)),
+            "vision": pa.FixedSizeListArray.from_arrays(pa.array(feats.vision.reshape(-1).numpy()),
+                                                        feats.vision[0].numel()),
+            "text": pa.FixedSizeListArray.from_arrays(pa.array(feats.text.reshape(-1).numpy()),
+                                                      feats.text[0].numel()),
+        }).replace_schema_metadata({
+            "settings": json.dumps(settings, sort_keys=True, default=str),
+            "vision_shape": json.dumps(list(feats.vision.shape[1:])),
+            "text_shape": json.dumps(list(feats.text.shape[1:])),
+        })
+        tmp = f"{self.base}/.{key}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        self.fs.mv(tmp, self.path(key))
+
+    def _read(self, key: str) -> "SplitFeatures":
+        with self.fs.open(self.path(key), "rb") as f:
+            table = pq.read_table(f)
+        meta = table.schema.metadata
+        vshape, tshape = json.loads(meta[b"vision_shape"]), json.loads(meta[b"text_shape"])
+
+        def col(name: str, shape: list[int]) -> torch.Tensor:
+            flat = table.column(name).combine_chunks().flatten().to_numpy()
+            return torch.from_numpy(flat.reshape(len(table), *shape).copy())
+
+        return SplitFeatures(col("vision", vshape), col("text", tshape))
+
+
+@dataclass
+class SplitFeatures:
+    vision: torch.Tensor  # [n_windows, Kv, Dv]
+    text: torch.Tensor  # [n_windows, Kt, Dt]
+
+    def batch(self, idx: torch.Tensor) -> Features:
+        return {"vision": self.vision[idx], "text": self.text[idx]}
+
+
+def build_features(encoder: MultimodalEncoder, split: SplitData, batch_size: int = 256,
+                   progress: bool = True) -> SplitFeatures:
+    vis, txt = [], []
+    order = np.arange(len(split))
+    for lo in tqdm(range(0, len(order), batch_size), disable=not progress,
+                   desc=f"VLM features {split.dataset}/{split.split}", unit="batch"):
+        f = encoder(split.inputs(order[lo:lo + batch_size]))
+        vis.append(f["vision"].cpu())
+        txt.append(f["text"].cpu())
+    return SplitFeatures(torch.cat(vis), torch.cat(txt))

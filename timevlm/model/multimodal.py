@@ -1,0 +1,58 @@
+"""The frozen half of Time-VLM: window -> (VAL image, TAL prompt) -> VLM token features.
+
+With no learnable part and no gradient, its output depends only on the window and on `settings()`;
+`timevlm.features` caches it on that basis.
+"""
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+
+from timevlm.config import ModelConfig
+from timevlm.model.tal import build_prompts
+from timevlm.model.val import series_to_image
+from timevlm.model.vlm.base import VLMAdapter, vlm_identity
+
+# Bump when the image or prompt construction changes: it is part of every cache key.
+ENCODER_CODE_VERSION = "val1-tal1"
+
+
+class Features(TypedDict):
+    vision: torch.Tensor  # [B, Kv, vision_dim]
+    text: torch.Tensor  # [B, Kt, text_dim]
+
+
+def encoder_settings(cfg: ModelConfig, freq: str = "") -> dict[str, object]:
+    """Everything that changes the encoder's output besides the window itself (no weights are loaded).
+    norm_const, d_model and d_fusion are absent: images are min-max scaled and prompts use the window's
+    own values, so trials that differ only in those share features."""
+    return {"code": ENCODER_CODE_VERSION, **vlm_identity(cfg),
+            "seq_len": cfg.seq_len, "pred_len": cfg.pred_len, "periodicity": cfg.periodicity,
+            "image_size": cfg.image_size, "top_k_freqs": cfg.top_k_freqs, "vision_tokens": cfg.vision_tokens,
+            "max_prompt_tokens": cfg.max_prompt_tokens, "description": cfg.dataset_description, "freq": freq}
+
+
+class MultimodalEncoder:
+    def __init__(self, cfg: ModelConfig, adapter: VLMAdapter, freq: str = "") -> None:
+        self.cfg, self.adapter, self.freq = cfg, adapter, freq
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.parameters()).device
+
+    def settings(self) -> dict[str, object]:
+        return encoder_settings(self.cfg, self.freq)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        return series_to_image(x, self.cfg.periodicity, self.cfg.image_size, self.cfg.top_k_freqs)
+
+    def prompts(self, x: torch.Tensor) -> list[str]:
+        return build_prompts(x, seq_len=self.cfg.seq_len, pred_len=self.cfg.pred_len,
+                             description=self.cfg.dataset_description, freq=self.freq)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> Features:
+        x = x.to(self.device)
+        vision, text = self.adapter.encode(self.images(x), self.prompts(x))
+        return {"vision": vision.float(), "text": text.float()}

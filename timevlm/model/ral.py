@@ -1,0 +1,93 @@
+"""Retrieval-augmented learner: patch embedding, a patch memory bank and learnable queries."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timevlm.config import ModelConfig
+
+
+class PatchEmbedding(nn.Module):
+    """[B*N, L] -> [B*N, P, d_model]: replicate-pad the end, cut overlapping patches, project, add position."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.patch_len, self.stride, self.padding = cfg.patch_len, cfg.stride, cfg.padding
+        self.proj = nn.Linear(cfg.patch_len, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.d_model) * 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding:
+            x = F.pad(x.unsqueeze(1), (0, self.padding), mode="replicate").squeeze(1)
+        patches = x.unfold(-1, self.patch_len, self.stride)
+        return self.drop(self.proj(patches) + self.pos)
+
+
+class MemoryBank(nn.Module):
+    """A bank of patch prototypes kept as buffers (saved in the state_dict, never touched by the optimiser).
+
+    Training mode: each batch's mean patch embeddings are assigned to their nearest slot and the slots move
+    towards them by an exponential moving average. Eval mode: the bank is frozen, so evaluation windows
+    never leak into retrieval. Every patch retrieves a softmax-weighted mix of slots.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.momentum = cfg.memory_momentum
+        self.register_buffer("slots", torch.zeros(cfg.memory_size, d))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.query = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+        self.scale = d ** -0.5
+
+    @torch.no_grad()
+    def _update(self, h: torch.Tensor) -> None:
+        summary = h.detach().float().mean(dim=1)  # [B', d]
+        if not bool(self.initialized):
+            idx = torch.arange(self.slots.shape[0], device=h.device) % summary.shape[0]
+            self.slots.copy_(summary[idx])
+            self.initialized.fill_(True)
+            return
+        assign = F.normalize(summary, dim=-1) @ F.normalize(self.slots, dim=-1).T
+        nearest = assign.argmax(dim=-1)
+        sums = torch.zeros_like(self.slots).index_add_(0, nearest, summary)
+        counts = torch.bincount(nearest, minlength=self.slots.shape[0]).unsqueeze(-1).to(summary.dtype)
+        hit = counts.squeeze(-1) > 0
+        means = sums[hit] / counts[hit]
+        self.slots[hit] = self.momentum * self.slots[hit] + (1 - self.momentum) * means
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._update(h)
+        slots = self.slots.to(h.dtype)
+        attn = torch.softmax(self.query(h) @ slots.T * self.scale, dim=-1)
+        return self.out(attn @ slots)
+
+
+class RAL(nn.Module):
+    """[B, L, N] normalised series -> [B, N, d_fusion] temporal features, one per variable."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.embed = PatchEmbedding(cfg)
+        self.memory = MemoryBank(cfg)
+        self.local = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
+                                                batch_first=True, norm_first=True)
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
+        self.cross = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(cfg.num_queries * d, cfg.d_fusion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, n = x.shape
+        h = self.embed(x.permute(0, 2, 1).reshape(b * n, l))
+        h = h + self.memory(h)  # global memory: retrieved prototypes
+        h = self.local(h)  # local memory: self-attention over this window's patches
+        q = self.queries.unsqueeze(0).expand(b * n, -1, -1)
+        z, _ = self.cross(q, h, h)
+        z = self.norm(z + q)
+        return self.head(z.reshape(b, n, -1))

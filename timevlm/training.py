@@ -1,0 +1,202 @@
+"""A framework-free training loop: fit() with early stopping on validation, evaluate(), reproducible seeds.
+
+The platform calls fit() once per Ray Train worker and receives per-epoch metrics through `on_epoch_end`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from timevlm.config import TrainConfig
+from timevlm.data.windows import SplitData, make_loader
+from timevlm.features import SplitFeatures
+from timevlm.metrics import mae, mse
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _features(feats: SplitFeatures | None, idx: torch.Tensor):
+    return feats.batch(idx) if feats is not None else None
+
+
+def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "halving":
+        return 0.5 ** epoch
+    return 1.0
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_mse: float
+    val_mae: float
+    lr: float
+    seconds: float
+    best_val_mse: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume fit() after the epoch it describes."""
+
+    epoch: int  # epochs completed
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    best_state: dict[str, Any]
+    best_val: float
+    best_epoch: int
+    bad_epochs: int
+    history: list[EpochMetrics] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["history"] = [h.as_dict() for h in self.history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        d = dict(d)
+        d["history"] = [EpochMetrics(**h) for h in d["history"]]
+        return cls(**d)
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_val_mse: float
+    stopped_early: bool
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: SplitData, feats: SplitFeatures | None = None, batch_size: int = 256,
+            device: torch.device | None = None, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, truths) over every window of the split, in order ([n, pred_len, n_vars])."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    preds, trues = [], []
+    for idx, x, y in make_loader(split, batch_size, shuffle=False):
+        with _autocast(device, amp):
+            out = model(x.to(device), _features(feats, idx))
+        preds.append(out.float().cpu().numpy())
+        trues.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def evaluate(model: nn.Module, split: SplitData, feats: SplitFeatures | None = None, batch_size: int = 256,
+             device: torch.device | None = None, amp: bool = False) -> dict[str, float]:
+    pred, true = predict(model, split, feats, batch_size, device, amp)
+    return {"mse": mse(pred, true), "mae": mae(pred, true)}
+
+
+def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
+        train_feats: SplitFeatures | None = None, val_feats: SplitFeatures | None = None,
+        on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
+        resume: TrainState | None = None) -> FitResult:
+    """Train with MSE loss; after each epoch evaluate on validation, keep the best weights, stop after
+    `patience` epochs without improvement, and load the best weights back into `model` at the end."""
+    device = resolve_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loss_fn = nn.MSELoss()
+    amp = cfg.amp and device.type == "cuda"
+
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        start, best_val, best_epoch, bad = resume.epoch, resume.best_val, resume.best_epoch, resume.bad_epochs
+        best_state, history = resume.best_state, list(resume.history)
+        if resume.rng:
+            torch.set_rng_state(resume.rng["torch"])
+            loader.generator.set_state(resume.rng["loader"])
+    else:
+        start, best_val, best_epoch, bad, history = 0, float("inf"), -1, 0, []
+        best_state = copy.deepcopy(model.state_dict())
+
+    stopped_early = False
+    for epoch in range(start, cfg.epochs):
+        if bad >= cfg.patience:
+            stopped_early = True
+            break
+        lr = cfg.lr * _lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        t0, total, count = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, disable=not cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, (idx, x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            with _autocast(device, amp):
+                loss = loss_fn(model(x, _features(train_feats, idx)).float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            total += loss.item() * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        scores = evaluate(model, val, val_feats, max(cfg.batch_size, 256), device, amp)
+        improved = scores["mse"] < best_val
+        if improved:
+            best_val, best_epoch, bad = scores["mse"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+        m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
+                         val_mae=scores["mae"], lr=lr, seconds=time.perf_counter() - t0, best_val_mse=best_val)
+        history.append(m)
+        if on_epoch_end is not None:
+            state = TrainState(epoch + 1, model.state_dict(), opt.state_dict(), best_state, best_val, best_epoch,
+                               bad, history, {"torch": torch.get_rng_state(), "loader": loader.generator.get_state()})
+            on_epoch_end(m, state, improved)
+    model.load_state_dict(best_state)
+    return FitResult(history, best_epoch + 1, best_val, stopped_early)
