@@ -1,0 +1,85 @@
+"""`python tune.py [run] [--study NAME] [--smoke] [--resume] ...` and `python tune.py report --study NAME`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from timevlm.errors import ConfigError, DataError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tune.py", description="Time-VLM hyperparameter studies on Ray Tune + "
+                                 "Optuna, every trial logged to MLflow.")
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "report", "list"],
+                    help="run a study (default), report a finished one, or list the studies")
+    ap.add_argument("--study", default="default", help="name in search_spaces/ or a path to a YAML file")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget (the study's `smoke` block)")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted study (Tuner.restore)")
+    ap.add_argument("--fresh", action="store_true", help="discard earlier Ray results of this study first")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./mlruns)")
+    ap.add_argument("--address", help="Ray cluster address (default: start a local Ray, or the job's cluster)")
+    ap.add_argument("--storage-path", help="Ray results storage (default ./ray_results; shared on clusters)")
+    ap.add_argument("--data-dir", help="data folder (default $TIMEVLM_DATA_DIR, then ../shared/data)")
+    ap.add_argument("--cache-dir", help="VLM feature cache, local dir or fsspec URI (default $TIMEVLM_CACHE_DIR)")
+    ap.add_argument("--no-feature-cache", action="store_true", help="compute VLM features at every step")
+    ap.add_argument("--experiment", help="MLflow experiment name (default timevlm-STUDY)")
+    ap.add_argument("--out", default="reports", help="report: output folder")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from timevlm_platform.study import SEARCH_SPACES_DIR, load_study
+
+    if args.command == "list":
+        for p in sorted(SEARCH_SPACES_DIR.glob("*.yaml")):
+            s = load_study(str(p))
+            print(f"{s.name:14s} {s.description}")
+        return 0
+    spec = load_study(args.study)
+    if args.smoke:
+        spec = spec.with_smoke()
+    if args.command == "report":
+        from timevlm_platform.report import write_report
+
+        write_report(spec, args.tracking_uri, args.out, args.experiment)
+        return 0
+
+    from timevlm_platform.runner import RunOptions, run_study
+
+    out = run_study(spec, RunOptions(
+        resume=args.resume, fresh=args.fresh, tracking_uri=args.tracking_uri, address=args.address,
+        storage_path=args.storage_path, data_dir=args.data_dir, cache_dir=args.cache_dir,
+        use_feature_cache=not args.no_feature_cache, experiment_name=args.experiment))
+    _print_summary(spec, out)
+    return 0
+
+
+def _print_summary(spec, out) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", 30, "display.width", 200, "display.float_format", "{:.4f}".format):
+        print("\n== trials ==")
+        print(out["table"].to_string(index=False))
+    for (ds, h), best in out["best"].items():
+        params = {p.key: best[p.key.split(".", 1)[1]] for p in spec.search}
+        print(f"\n== best on {ds} horizon {h} (by validation {spec.metric}) ==\n"
+              f"  trial {best['trial']}: {spec.metric} {best[spec.metric]:.4f}, test MSE {best['test_mse']:.4f}, "
+              f"test MAE {best['test_mae']:.4f}\n  config: {params}")
+    uri = out["tracking_uri"]
+    print(f"\nstudy wall time {out['wall_seconds']:.0f}s; MLflow parent run {out['parent_run_id']}")
+    if out["log_failures"]:
+        print(f"WARNING: {out['log_failures']} MLflow logging call(s) failed (see stderr)")
+    if uri.startswith("sqlite:"):
+        print(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"open the MLflow UI at {uri}")

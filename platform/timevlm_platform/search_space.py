@@ -1,0 +1,49 @@
+"""Study parameters -> Ray Tune search space, searcher and scheduler."""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from timevlm_platform.study import Param, StudySpec
+
+
+def to_domain(p: Param) -> Any:
+    a = p.args
+    return {
+        "choice": lambda: tune.choice(a["values"]),
+        "grid": lambda: tune.grid_search(a["values"]),
+        "uniform": lambda: tune.uniform(a["low"], a["high"]),
+        "loguniform": lambda: tune.loguniform(a["low"], a["high"]),
+        "int": lambda: tune.randint(int(a["low"]), int(a["high"]) + 1),  # high inclusive
+        "quniform": lambda: tune.quniform(a["low"], a["high"], a["q"]),
+    }[p.kind]()
+
+
+def param_space(spec: StudySpec) -> dict[str, Any]:
+    """Flat {"model.d_model": domain, ...}; the trial's config carries these keys with sampled values."""
+    return {p.key: to_domain(p) for p in spec.search}
+
+
+def searcher(spec: StudySpec) -> Searcher | None:
+    """Optuna TPE, seeded (None for grid studies: Tune's own variant generator walks the grid)."""
+    if spec.searcher == "grid" or not spec.search:
+        return None
+    import optuna
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+
+
+def scheduler(spec: StudySpec) -> TrialScheduler:
+    if spec.scheduler.type == "asha" and spec.epochs > spec.scheduler.grace_period:
+        return ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
+                             reduction_factor=spec.scheduler.reduction_factor)
+    return FIFOScheduler()
+
+
+def num_samples(spec: StudySpec) -> int:
+    """Grid studies run each grid point once (Tune multiplies num_samples by the grid size)."""
+    return 1 if spec.searcher == "grid" else spec.trials

@@ -1,0 +1,217 @@
+"""Declarative study files (search_spaces/*.yaml): parsing and validation with errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from timevlm.data.registry import DATASETS
+from timevlm.errors import ConfigError
+
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+DISTRIBUTIONS = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"),
+                 "loguniform": ("low", "high"), "int": ("low", "high"), "quniform": ("low", "high", "q")}
+METRICS = ("best_val_mse", "best_val_mae")
+TOP_KEYS = {"name", "description", "datasets", "horizons", "fixed", "search", "searcher", "budget",
+            "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol"}
+
+
+@dataclass
+class Param:
+    key: str  # "section.field", e.g. "model.norm_const"
+    kind: str
+    args: dict[str, Any]
+
+
+@dataclass
+class Resources:
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    max_concurrent: int | None = None  # None: as many as the cluster's resources allow
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"  # asha | fifo
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass
+class StudySpec:
+    name: str
+    description: str = ""
+    datasets: list[str] = field(default_factory=lambda: ["ETTh1"])
+    horizons: list[int] = field(default_factory=lambda: [96])
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    search: list[Param] = field(default_factory=list)
+    searcher: str = "optuna"  # optuna (TPE) | grid
+    trials: int = 4
+    epochs: int = 3
+    resources: Resources = field(default_factory=Resources)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    metric: str = "best_val_mse"
+    mode: str = "min"
+    seed: int = 2021
+    seeds: int = 1  # repeat each configuration over this many seeds
+    smoke: dict[str, Any] = field(default_factory=dict)  # overrides applied by --smoke
+    source: str = ""
+
+    def experiment(self, dataset: str, horizon: int, params: dict[str, Any]) -> ExperimentConfig:
+        """The ExperimentConfig of one trial: fixed settings, then the dataset/horizon, then sampled params."""
+        d: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self.fixed.items()}
+        d.setdefault("data", {})["dataset"] = dataset
+        d.setdefault("model", {})["pred_len"] = horizon
+        d.setdefault("train", {}).setdefault("epochs", self.epochs)
+        for key, value in params.items():
+            section, name = key.split(".", 1)
+            d.setdefault(section, {})[name] = value
+        return ExperimentConfig.from_dict(d)
+
+    def cells(self) -> list[tuple[str, int]]:
+        return list(itertools.product(self.datasets, self.horizons))
+
+    def with_smoke(self) -> "StudySpec":
+        """A tiny-budget copy for --smoke: the study's `smoke` block overrides budget and fixed settings."""
+        s = dataclasses.replace(self, fixed={k: dict(v) for k, v in self.fixed.items()})
+        sm = self.smoke or {}
+        s.trials = int(sm.get("trials", min(self.trials, 2)))
+        s.epochs = int(sm.get("epochs", 1))
+        s.datasets = list(sm.get("datasets", self.datasets[:1]))
+        s.horizons = list(sm.get("horizons", self.horizons[:1]))
+        for section, values in (sm.get("fixed") or {}).items():
+            s.fixed.setdefault(section, {}).update(values)
+        s.fixed.setdefault("data", {}).setdefault("max_windows", 256)
+        s.fixed["train"] = {**s.fixed.get("train", {}), "epochs": s.epochs}
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        where = self.source or self.name
+        for ds in self.datasets:
+            if ds not in DATASETS:
+                raise ConfigError(f"{where}: datasets: unknown dataset {ds!r}; known: {', '.join(DATASETS.names())}")
+        for h in self.horizons:
+            if not isinstance(h, int) or h <= 0:
+                raise ConfigError(f"{where}: horizons: {h!r} is not a positive integer")
+        for section, values in self.fixed.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{where}: fixed.{section}: unknown section; use model, data or train")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}: fixed.{section}: must be a mapping")
+            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            for k in values:
+                if k not in known:
+                    raise ConfigError(f"{where}: fixed.{section}.{k}: unknown setting")
+        for p in self.search:
+            section, _, name = p.key.partition(".")
+            if section not in _SECTIONS or name not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+                raise ConfigError(f"{where}: search.{p.key}: not a setting (use section.field, e.g. model.d_model)")
+        if self.searcher not in ("optuna", "grid"):
+            raise ConfigError(f"{where}: searcher: {self.searcher!r} must be optuna or grid")
+        if self.searcher == "grid" and any(p.kind != "grid" for p in self.search):
+            raise ConfigError(f"{where}: search: searcher 'grid' takes only 'grid' parameters")
+        if self.searcher == "optuna" and any(p.kind == "grid" for p in self.search):
+            raise ConfigError(f"{where}: search: 'grid' parameters need `searcher: grid`")
+        if self.metric not in METRICS:
+            raise ConfigError(f"{where}: metric: {self.metric!r} must be one of {METRICS}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"{where}: mode: must be min or max")
+        if self.trials < 1 or self.epochs < 1:
+            raise ConfigError(f"{where}: budget: trials and epochs must be >= 1")
+        if self.scheduler.type not in ("asha", "fifo"):
+            raise ConfigError(f"{where}: scheduler.type: {self.scheduler.type!r} must be asha or fifo")
+        # Every combination of fixed settings with the first value of each searched parameter must be valid.
+        first = {p.key: _first_value(p) for p in self.search}
+        for ds, h in self.cells():
+            try:
+                self.experiment(ds, h, first)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+
+
+def _first_value(p: Param) -> Any:
+    return p.args["values"][0] if "values" in p.args else p.args["low"]
+
+
+def _parse_param(key: str, spec: Any, where: str) -> Param:
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{where}: search.{key}: expected a mapping with 'type' "
+                          f"(one of {', '.join(DISTRIBUTIONS)})")
+    kind = spec["type"]
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: search.{key}.type: unknown distribution {kind!r}; "
+                          f"use one of {', '.join(DISTRIBUTIONS)}")
+    args = {k: v for k, v in spec.items() if k != "type"}
+    missing = [a for a in DISTRIBUTIONS[kind] if a not in args]
+    if missing:
+        raise ConfigError(f"{where}: search.{key}: '{kind}' needs {', '.join(missing)}")
+    extra = sorted(set(args) - set(DISTRIBUTIONS[kind]))
+    if extra:
+        raise ConfigError(f"{where}: search.{key}: unexpected key(s) {extra} for '{kind}'")
+    if "values" in args and (not isinstance(args["values"], list) or not args["values"]):
+        raise ConfigError(f"{where}: search.{key}.values: must be a non-empty list")
+    if "low" in args:
+        if not all(isinstance(args[a], (int, float)) for a in ("low", "high")) or args["low"] >= args["high"]:
+            raise ConfigError(f"{where}: search.{key}: low must be a number below high")
+        if kind == "loguniform" and args["low"] <= 0:
+            raise ConfigError(f"{where}: search.{key}: loguniform needs low > 0")
+    return Param(key, kind, args)
+
+
+def parse_study(data: dict[str, Any], source: str = "") -> StudySpec:
+    where = source or "study"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a study file must be a YAML mapping")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(TOP_KEYS))}")
+    if "name" not in data:
+        raise ConfigError(f"{where}: missing key 'name'")
+    budget = data.get("budget") or {}
+    if set(budget) - {"trials", "epochs"}:
+        raise ConfigError(f"{where}: budget: unknown key(s) {sorted(set(budget) - {'trials', 'epochs'})}")
+
+    def sub(cls, key):
+        values = data.get(key) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - known)
+        if bad:
+            raise ConfigError(f"{where}: {key}: unknown key(s) {bad}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    spec = StudySpec(
+        name=str(data["name"]), description=str(data.get("description", "")),
+        datasets=list(data.get("datasets", ["ETTh1"])), horizons=list(data.get("horizons", [96])),
+        fixed=data.get("fixed") or {},
+        search=[_parse_param(k, v, where) for k, v in (data.get("search") or {}).items()],
+        searcher=data.get("searcher", "optuna"),
+        trials=int(budget.get("trials", 4)), epochs=int(budget.get("epochs", 3)),
+        resources=sub(Resources, "resources"), scheduler=sub(Scheduler, "scheduler"),
+        metric=data.get("metric", "best_val_mse"), mode=data.get("mode", "min"),
+        seed=int(data.get("seed", 2021)), seeds=int(data.get("seeds", 1)), smoke=data.get("smoke") or {},
+        source=source)
+    spec.validate()
+    return spec
+
+
+def load_study(name_or_path: str) -> StudySpec:
+    """A study by name (search_spaces/NAME.yaml) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SEARCH_SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"study {name_or_path!r} not found ({path}); known studies: {', '.join(known)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    return parse_study(data, str(path))

@@ -1,0 +1,131 @@
+"""MLflow: embedded default store, reachability check, one parent run per study, one child run per trial.
+
+Every logging call goes through `safe()`: a failure (e.g. sqlite busy) is retried, and if it still fails
+it is reported loudly on stderr and counted, never swallowed silently and never allowed to kill a trial.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from timevlm.errors import ConfigError
+
+T = TypeVar("T")
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "timevlm.role"
+STUDY_TAG = "timevlm.study"
+TRIAL_TAG = "timevlm.trial_id"
+BEST_TAG = "timevlm.best_trial"
+
+
+def default_tracking_uri(base: Path | None = None) -> str:
+    base = (base or Path.cwd()) / "mlruns"
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """For the embedded sqlite store, artifacts go to a folder beside the database."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts")
+    return None  # a tracking server decides its own artifact root
+
+
+class LogFailures:
+    count = 0
+
+
+def safe(what: str, fn: Callable[[], T], retries: int = 5) -> T | None:
+    """Run an MLflow call with retries; on final failure, say so on stderr and return None."""
+    delay = 0.2
+    for attempt in range(retries):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - logging must never kill training
+            if attempt == retries - 1:
+                LogFailures.count += 1
+                print(f"[timevlm-platform] WARNING: MLflow {what} failed after {retries} tries: {e!r}",
+                      file=sys.stderr, flush=True)
+                return None
+            time.sleep(delay)
+            delay *= 2
+    return None
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail at start, not after an hour of training, if the tracking store cannot be used."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"MLflow tracking URI {tracking_uri!r} is not usable: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}") from None
+
+
+def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_run(client: MlflowClient, experiment_id: str, **tags: str):
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=flt, max_results=1, order_by=["start_time DESC"])
+    return runs[0] if runs else None
+
+
+def parent_run(client: MlflowClient, experiment_id: str, study: str, resume: bool, params: dict[str, Any]) -> str:
+    """The study's parent run: reused on --resume (no duplicate), new otherwise."""
+    if resume:
+        run = find_run(client, experiment_id, **{ROLE_TAG: "study", STUDY_TAG: study})
+        if run is not None:
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, name: str,
+              tags: dict[str, str]) -> str:
+    """The trial's nested run; a restarted trial finds and reuses its run instead of making another."""
+    run = find_run(client, experiment_id, **{PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
+    if run is not None:
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial", **tags})
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool, reason: str = "") -> None:
+    if reason:
+        set_tags(client, run_id, {"failure_reason": reason})
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

@@ -1,0 +1,106 @@
+"""The per-worker training function of a Ray Train run (one Time-VLM training of one trial)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+
+from timevlm.config import ExperimentConfig
+from timevlm.data.windows import SplitData
+from timevlm.experiment import Prepared, count_parameters, prepare
+from timevlm.features import SplitFeatures
+from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, evaluate, fit, predict
+from timevlm_platform import tracking
+from timevlm_platform.plots import forecast_plot
+
+STATE_FILE = "train_state.pt"
+
+
+def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
+    """This worker's share of the training windows (and their cached features), for data parallelism."""
+    if world == 1:
+        return split, feats
+    sub = SplitData(split.dataset, split.split, split.values, split.starts[rank::world], split.seq_len,
+                    split.pred_len, split.scaler, split.description)
+    sub_feats = SplitFeatures(feats.vision[rank::world], feats.text[rank::world]) if feats is not None else None
+    return sub, sub_feats
+
+
+def _load_resume() -> TrainState | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return TrainState.from_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        torch.save(model.state_dict(), d / "best_model.pt")
+        (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
+        tracking.safe("log best model", lambda: client.log_artifacts(run_id, str(d), "model"))
+        test = p.splits["test"]
+        idx = np.linspace(0, len(test) - 1, 3).round().astype(int)
+        feats = p.features["test"]
+        x = test.inputs(idx)
+        with torch.no_grad():
+            model.eval()
+            pred = model(x.to(next(model.parameters()).device), feats.batch(torch.as_tensor(idx)) if feats else None)
+        true = np.stack([test.window(int(i))[1] for i in idx])
+        png = forecast_plot(x.numpy(), pred.cpu().numpy(), true, d / "forecast_test.png",
+                            title=f"{p.cfg.data.dataset} test windows {idx.tolist()} (last variable, scaled)")
+        tracking.safe("log forecast plot", lambda: client.log_artifact(run_id, str(png), "plots"))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    exp = ExperimentConfig.from_dict(config["experiment"])
+    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    run_id = config.get("run_id")
+
+    p = prepare(exp, progress=rank == 0)
+    if client is not None:
+        info = {**count_parameters(p.model), **{k: v for k, v in p.cache_info.items() if k != "cache_root"},
+                "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
+                "n_test_windows": len(p.splits["test"])}
+        tracking.safe("log setup metrics", lambda: tracking.log_metrics(client, run_id, info))
+    train, train_feats = shard(p.splits["train"], p.features["train"], rank, world)
+    model = p.model
+    if world > 1:
+        model = ray.train.torch.prepare_model(model)
+    last: dict[str, float] = {}
+
+    def on_epoch_end(m: EpochMetrics, state: TrainState, improved: bool) -> None:
+        metrics = m.as_dict()
+        last.update(metrics)
+        if client is not None:
+            tracking.safe(f"log epoch {m.epoch}", lambda: tracking.log_metrics(client, run_id, metrics, step=m.epoch))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(state.to_dict(), Path(d) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    try:
+        result = fit(model, train, p.splits["val"], exp.train, train_feats=train_feats,
+                     val_feats=p.features["val"], on_epoch_end=on_epoch_end, resume=_load_resume())
+    except NonFiniteLossError as e:
+        ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": str(e)})
+        return
+    test = evaluate(model, p.splits["test"], p.features["test"])
+    final = {**last, "test_mse": test["mse"], "test_mae": test["mae"], "best_epoch": result.best_epoch,
+             "epochs_run": len(result.history), "stopped_early": int(result.stopped_early)}
+    if client is not None:
+        tracking.safe("log test metrics", lambda: tracking.log_metrics(
+            client, run_id, {k: final[k] for k in ("test_mse", "test_mae", "best_epoch", "epochs_run")}))
+        _log_artifacts(client, run_id, p, model.module if hasattr(model, "module") else model)
+    ray.train.report(final)
