@@ -19,7 +19,7 @@ from timevlm.features import FeatureCache, SplitFeatures
 from timevlm.model import build_model
 from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
 from timevlm.model.vlm import load_vlm
-from timevlm.training import EpochMetrics, TrainState, evaluate, fit, resolve_device
+from timevlm.training import EpochMetrics, TrainState, evaluate, fit, resolve_device, seed_everything
 
 
 def resolve_model_config(cfg: ModelConfig, dataset: str) -> ModelConfig:
@@ -50,6 +50,7 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     mcfg = resolve_model_config(exp.model, exp.data.dataset)
     exp = dataclasses.replace(exp, model=mcfg)
     splits = build_splits(exp.data, mcfg.seq_len, mcfg.pred_len)
+    seed_everything(exp.train.seed)  # the seed decides the initial weights too
     model = build_model(mcfg)
     prepared = Prepared(exp, splits, model, {s: None for s in splits})
     if not getattr(model, "uses_features", False):

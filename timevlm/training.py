@@ -77,7 +77,8 @@ class EpochMetrics:
 
 @dataclass
 class TrainState:
-    """Everything needed to resume fit() after the epoch it describes."""
+    """Everything needed to resume fit() after the epoch it describes. The tensors are the live ones:
+    serialise the state (torch.save) inside the callback, do not keep it."""
 
     epoch: int  # epochs completed
     model: dict[str, Any]

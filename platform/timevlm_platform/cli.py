@@ -61,7 +61,15 @@ def _dispatch(args) -> int:
         storage_path=args.storage_path, data_dir=args.data_dir, cache_dir=args.cache_dir,
         use_feature_cache=not args.no_feature_cache, experiment_name=args.experiment))
     _print_summary(spec, out)
+    table = out["table"]
+    if len(table) and (table["status"] == "ERROR").all():
+        print("error: every trial failed", file=sys.stderr)
+        return 1
     return 0
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
 
 
 def _print_summary(spec, out) -> None:
@@ -71,7 +79,7 @@ def _print_summary(spec, out) -> None:
         print("\n== trials ==")
         print(out["table"].to_string(index=False))
     for (ds, h), best in out["best"].items():
-        params = {p.key: best[p.key.split(".", 1)[1]] for p in spec.search}
+        params = {p.key: _plain(best[p.key.split(".", 1)[1]]) for p in spec.search}
         print(f"\n== best on {ds} horizon {h} (by validation {spec.metric}) ==\n"
               f"  trial {best['trial']}: {spec.metric} {best[spec.metric]:.4f}, test MSE {best['test_mse']:.4f}, "
               f"test MAE {best['test_mae']:.4f}\n  config: {params}")

@@ -2,6 +2,7 @@
 resume of an interrupted study, and the final trials table."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -17,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from timevlm.data.files import resolve_data_dir
+from timevlm.data.windows import build_splits
+from timevlm.model.vlm.base import feature_dims
 from timevlm.errors import ConfigError
-from timevlm.features import resolve_cache_root
 from timevlm_platform import tracking
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import num_samples, param_space, scheduler, searcher
@@ -40,6 +42,37 @@ class RunOptions:
     experiment_name: str | None = None
     verbose: int = 1
     worker_max_failures: int = 2
+
+
+def platform_home() -> Path:
+    """Where the embedded defaults live (mlruns/, ray_results/, feature_cache/): $TIMEVLM_HOME, else
+    ~/timevlm-platform inside a `ray job submit` job (whose working dir is a temporary copy that Ray
+    deletes), else the current directory."""
+    if os.environ.get("TIMEVLM_HOME"):
+        return Path(os.environ["TIMEVLM_HOME"]).expanduser().resolve()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return Path.home() / "timevlm-platform"
+    return Path.cwd()
+
+
+def preflight(spec: StudySpec, data_dir: str) -> None:
+    """Load every (dataset, horizon, seq_len) a study can ask for before any trial starts, so bad data
+    fails in seconds with the file named, not in every trial after Ray Train retries."""
+    seq_lens = next((p.args.get("values") for p in spec.search if p.key == "model.seq_len"), None)
+    vlms = next((p.args.get("values") for p in spec.search if p.key == "model.vlm"), None)
+    for dataset, horizon in spec.cells():
+        base = spec.experiment(dataset, horizon, {})
+        for seq_len in seq_lens or [base.model.seq_len]:
+            build_splits(dataclasses.replace(base.data, data_dir=data_dir), int(seq_len), horizon)
+    base = spec.experiment(*spec.cells()[0], {})
+    for vlm in vlms or [base.model.vlm]:
+        cfg = dataclasses.replace(base.model, vlm=vlm)
+        try:
+            feature_dims(cfg)  # reads the variant's config only; fails fast when the weights are not there
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"VLM {vlm!r} is not available ({cfg.vlm_path or 'hub default'}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}. Put its weights in the "
+                              f"Hugging Face cache or set model.vlm_path to a local copy") from None
 
 
 def _cluster_concurrency(spec: StudySpec) -> int:
@@ -82,13 +115,16 @@ def _close_orphans(client: MlflowClient, experiment_id: str, parent_id: str) -> 
 
 def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
-    tracking_uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
-    tracking.check_reachable(tracking_uri)
+    home = platform_home()
     data_dir = str(resolve_data_dir(opts.data_dir).resolve())
-    cache_dir = resolve_cache_root(opts.cache_dir)
+    preflight(spec, data_dir)
+    tracking_uri = (opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                    or tracking.default_tracking_uri(home))
+    tracking.check_reachable(tracking_uri)
+    cache_dir = opts.cache_dir or os.environ.get("TIMEVLM_CACHE_DIR") or str(home / "feature_cache")
     if "://" not in cache_dir:
         cache_dir = str(Path(cache_dir).resolve())
-    storage = opts.storage_path or os.environ.get("TIMEVLM_STORAGE_PATH") or str(Path.cwd() / "ray_results")
+    storage = opts.storage_path or os.environ.get("TIMEVLM_STORAGE_PATH") or str(home / "ray_results")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
 

@@ -1,6 +1,7 @@
 """Study parameters -> Ray Tune search space, searcher and scheduler."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ray import tune
@@ -28,13 +29,40 @@ def param_space(spec: StudySpec) -> dict[str, Any]:
     return {p.key: to_domain(p) for p in spec.search}
 
 
+class DistinctOptunaSearch(OptunaSearch):
+    """OptunaSearch that does not hand out a configuration it already handed out.
+
+    The paper's search spaces are small and discrete, where TPE (random during start-up) repeats itself
+    often: three draws from 12 configurations repeat one about a quarter of the time. A repeat is told to
+    Optuna as a failed trial (TPE ignores those) and Optuna is asked again; only once the space is used up
+    is a repeat allowed. `_handed_out` is pickled with the searcher, so it survives Tuner.restore.
+    """
+
+    max_redraws = 100
+
+    def suggest(self, trial_id: str):
+        import optuna
+
+        handed_out = self.__dict__.setdefault("_handed_out", set())
+        for _ in range(self.max_redraws):
+            cfg = super().suggest(trial_id)
+            if not isinstance(cfg, dict):
+                return cfg
+            key = json.dumps(cfg, sort_keys=True, default=str)
+            if key not in handed_out:
+                handed_out.add(key)
+                return cfg
+            self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.FAIL)
+        return cfg
+
+
 def searcher(spec: StudySpec) -> Searcher | None:
     """Optuna TPE, seeded (None for grid studies: Tune's own variant generator walks the grid)."""
     if spec.searcher == "grid" or not spec.search:
         return None
     import optuna
 
-    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    return DistinctOptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
 
 
 def scheduler(spec: StudySpec) -> TrialScheduler:

@@ -88,6 +88,8 @@ class StudySpec:
         s.horizons = list(sm.get("horizons", self.horizons[:1]))
         for section, values in (sm.get("fixed") or {}).items():
             s.fixed.setdefault(section, {}).update(values)
+        if "search" in sm:
+            s.search = [_parse_param(k, v, f"{self.source or self.name} (smoke)") for k, v in sm["search"].items()]
         s.fixed.setdefault("data", {}).setdefault("max_windows", 256)
         s.fixed["train"] = {**s.fixed.get("train", {}), "epochs": s.epochs}
         s.validate()

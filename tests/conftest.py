@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from timevlm.data.files import resolve_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = resolve_data_dir()
+    assert (d / "ETTh1.csv").is_file(), f"benchmark data not found in {d}; set TIMEVLM_DATA_DIR"
+    return d
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> str:
+    """One feature cache for the whole test session (tests that check cache behaviour make their own)."""
+    return os.environ.get("TIMEVLM_TEST_CACHE") or str(tmp_path_factory.mktemp("feature_cache"))

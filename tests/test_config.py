@@ -1,0 +1,41 @@
+import pytest
+
+from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from timevlm.errors import ConfigError
+
+
+def test_paper_defaults():
+    c = ModelConfig()
+    assert (c.seq_len, c.d_model, c.d_fusion, c.norm_const, c.patch_len, c.stride, c.padding, c.num_queries,
+            c.n_heads, c.image_size, c.dropout) == (512, 128, 256, 0.4, 16, 8, 8, 8, 4, 64, 0.1)
+    t = TrainConfig()
+    assert (t.batch_size, t.lr, t.epochs, t.patience) == (32, 1e-3, 10, 3)
+    assert c.num_patches == (512 + 8 - 16) // 8 + 1
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(seq_len=16, patch_len=16), "seq_len \\(16\\) must be greater than patch_len \\(16\\)"),
+    (dict(d_model=30, n_heads=4), "d_model \\(30\\) must be divisible by n_heads"),
+    (dict(norm_const=0), "norm_const must be in"),
+    (dict(vlm="llava"), "unknown VLM 'llava'"),
+    (dict(use_ral=False, use_val=False, use_tal=False), "at least one of use_ral"),
+    (dict(pred_len=0), "pred_len must be a positive integer"),
+])
+def test_impossible_model_configs(kwargs, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig(**kwargs)
+
+
+def test_other_sections_validate():
+    with pytest.raises(ConfigError, match="percent must be an integer in \\[1, 100\\]"):
+        DataConfig(percent=0)
+    with pytest.raises(ConfigError, match="lr must be in"):
+        TrainConfig(lr=5)
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) in 'model': dmodel"):
+        ExperimentConfig.from_dict({"model": {"dmodel": 3}})
+
+
+def test_flat_roundtrip():
+    e = ExperimentConfig.from_dict({"model": {"seq_len": 96}, "train": {"epochs": 2}})
+    assert e.flat()["model.seq_len"] == 96 and e.flat()["train.epochs"] == 2
+    assert ExperimentConfig.from_dict(e.to_dict()) == e

