@@ -78,9 +78,9 @@ def _print_summary(spec, out) -> None:
     with pd.option_context("display.max_columns", 30, "display.width", 200, "display.float_format", "{:.4f}".format):
         print("\n== trials ==")
         print(out["table"].to_string(index=False))
-    for (ds, h), best in out["best"].items():
+    for label, best in out["best"].items():
         params = {p.key: _plain(best[p.key.split(".", 1)[1]]) for p in spec.search}
-        print(f"\n== best on {ds} horizon {h} (by validation {spec.metric}) ==\n"
+        print(f"\n== best on {label} (by validation {spec.metric}) ==\n"
               f"  trial {best['trial']}: {spec.metric} {best[spec.metric]:.4f}, test MSE {best['test_mse']:.4f}, "
               f"test MAE {best['test_mae']:.4f}\n  config: {params}")
     uri = out["tracking_uri"]

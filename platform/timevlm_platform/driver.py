@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from timevlm_platform import tracking
-from timevlm_platform.study import StudySpec
+from timevlm_platform.study import Cell, StudySpec
 from timevlm_platform.worker import train_worker
 
 
@@ -29,8 +29,7 @@ class TrialContext:
     """What every trial of one (study, dataset, horizon) cell shares; bound with tune.with_parameters."""
 
     spec: StudySpec
-    dataset: str
-    horizon: int
+    cell: Cell
     run_name: str  # stable Tune experiment name of this cell
     storage_path: str
     tracking_uri: str
@@ -46,7 +45,8 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     tctx = ray.tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     spec = ctx.spec
-    exp = spec.experiment(ctx.dataset, ctx.horizon, config)
+    cell = ctx.cell
+    exp = spec.experiment(cell.dataset, cell.horizon, config, cell.test_dataset)
     exp = dataclasses.replace(
         exp,
         data=dataclasses.replace(exp.data, data_dir=ctx.data_dir),
@@ -55,8 +55,9 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
                                   num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.safe("create trial run", lambda: tracking.child_run(
-        client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{ctx.dataset}-{ctx.horizon}-{trial_name}",
-        {"dataset": ctx.dataset, "pred_len": str(ctx.horizon), tracking.STUDY_TAG: spec.name}))
+        client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{cell.label}-{trial_name}",
+        {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
+         tracking.STUDY_TAG: spec.name}))
     if run_id:
         tracking.safe("log trial params", lambda: tracking.log_params(
             client, run_id, {**exp.flat(), **{f"searched.{k}": v for k, v in config.items()}}))

@@ -60,11 +60,10 @@ def preflight(spec: StudySpec, data_dir: str) -> None:
     fails in seconds with the file named, not in every trial after Ray Train retries."""
     seq_lens = next((p.args.get("values") for p in spec.search if p.key == "model.seq_len"), None)
     vlms = next((p.args.get("values") for p in spec.search if p.key == "model.vlm"), None)
-    for dataset, horizon in spec.cells():
-        base = spec.experiment(dataset, horizon, {})
+    for cell in spec.cells():
+        base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
         for seq_len in seq_lens or [base.model.seq_len]:
-            build_splits(dataclasses.replace(base.data, data_dir=data_dir), int(seq_len), horizon)
-    base = spec.experiment(*spec.cells()[0], {})
+            build_splits(dataclasses.replace(base.data, data_dir=data_dir), int(seq_len), cell.horizon)
     for vlm in vlms or [base.model.vlm]:
         cfg = dataclasses.replace(base.model, vlm=vlm)
         try:
@@ -95,6 +94,8 @@ def trials_table(results: tune.ResultGrid, spec: StudySpec) -> pd.DataFrame:
         status = "ERROR" if r.error else ("DONE" if "test_mse" in m else "STOPPED")
         row = {"trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
         row.update({p.key.split(".", 1)[1]: r.config.get(p.key) for p in spec.search})
+        if spec.seeds > 1:
+            row["seed"] = r.config.get("train.seed")
         row.update({"epochs": m.get("epoch"), spec.metric: m.get(spec.metric),
                     "test_mse": m.get("test_mse"), "test_mae": m.get("test_mae")})
         if r.error:
@@ -147,10 +148,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
           flush=True)
 
     tables, bests = [], {}
-    for dataset, horizon in spec.cells():
-        run_name = f"{spec.name}-{dataset}-{horizon}"
+    for cell in spec.cells():
+        run_name = f"{spec.name}-{cell.label}"
         path = f"{storage}/{run_name}"
-        ctx = TrialContext(spec, dataset, horizon, run_name, storage, tracking_uri, experiment_id, parent,
+        ctx = TrialContext(spec, cell, run_name, storage, tracking_uri, experiment_id, parent,
                            data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures)
         # The driver only waits on its TorchTrainer; it takes no CPU (the workers do) but some memory.
         trainable = tune.with_resources(tune.with_parameters(train_driver, ctx=ctx),
@@ -175,14 +176,16 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         results = tuner.fit()
         _close_orphans(client, experiment_id, parent)
         table = trials_table(results, spec)
-        table.insert(0, "horizon", horizon)
-        table.insert(0, "dataset", dataset)
+        table.insert(0, "horizon", cell.horizon)
+        if cell.test_dataset:
+            table.insert(0, "test_dataset", cell.test_dataset)
+        table.insert(0, "dataset", cell.dataset)
         tables.append(table)
         ok = table.dropna(subset=[spec.metric])
         if len(ok):
             best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
-            bests[(dataset, horizon)] = best
-            _tag_best(client, experiment_id, parent, spec, dataset, horizon, best)
+            bests[cell.label] = best
+            _tag_best(client, experiment_id, parent, spec, cell, best)
 
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     wall = time.perf_counter() - t_start
@@ -192,16 +195,16 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
             "log_failures": tracking.LogFailures.count}
 
 
-def _tag_best(client, experiment_id, parent, spec, dataset, horizon, best) -> None:
+def _tag_best(client, experiment_id, parent, spec, cell, best) -> None:
     run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: best["trial"]})
-    prefix = f"best.{dataset}.{horizon}"
+    prefix = f"best.{cell.label.replace('-', '.')}"
     tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
     tags.update({f"{prefix}.{p.key}": best[p.key.split('.', 1)[1]] for p in spec.search})
     if run is not None:
         tags[f"{prefix}.run_id"] = run.info.run_id
         tracking.safe("tag best trial", lambda: tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"}))
     tracking.safe("tag study best", lambda: tracking.set_tags(client, parent, tags))
-    metrics = {f"best_{dataset}_{horizon}_{k}": best[k] for k in (spec.metric, "test_mse", "test_mae")
+    metrics = {f"best_{cell.label.replace('-', '_')}_{k}": best[k] for k in (spec.metric, "test_mse", "test_mae")
                if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
     tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, metrics))
 

@@ -25,8 +25,12 @@ def to_domain(p: Param) -> Any:
 
 
 def param_space(spec: StudySpec) -> dict[str, Any]:
-    """Flat {"model.d_model": domain, ...}; the trial's config carries these keys with sampled values."""
-    return {p.key: to_domain(p) for p in spec.search}
+    """Flat {"model.d_model": domain, ...}; the trial's config carries these keys with sampled values.
+    `seeds: N` (grid studies) repeats every grid point over N seeds."""
+    space = {p.key: to_domain(p) for p in spec.search}
+    if spec.seeds > 1:
+        space["train.seed"] = tune.grid_search([spec.seed + i for i in range(spec.seeds)])
+    return space
 
 
 class DistinctOptunaSearch(OptunaSearch):

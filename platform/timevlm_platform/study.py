@@ -44,6 +44,25 @@ class Scheduler:
     reduction_factor: int = 2
 
 
+PROTOCOLS = ("long_term", "few_shot", "zero_shot")
+ZERO_SHOT_PAIRS = [["ETTh1", "ETTh2"], ["ETTh1", "ETTm2"], ["ETTh2", "ETTh1"], ["ETTh2", "ETTm2"],
+                   ["ETTm1", "ETTh2"], ["ETTm1", "ETTm2"], ["ETTm2", "ETTh2"], ["ETTm2", "ETTm1"]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One Tune experiment of a study: train/validate on `dataset`, test on `test_dataset` (zero-shot) or itself."""
+
+    dataset: str
+    horizon: int
+    test_dataset: str | None = None
+
+    @property
+    def label(self) -> str:
+        target = f"-to-{self.test_dataset}" if self.test_dataset else ""
+        return f"{self.dataset}{target}-{self.horizon}"
+
+
 @dataclass
 class StudySpec:
     name: str
@@ -62,12 +81,19 @@ class StudySpec:
     seed: int = 2021
     seeds: int = 1  # repeat each configuration over this many seeds
     smoke: dict[str, Any] = field(default_factory=dict)  # overrides applied by --smoke
+    # {type: long_term} | {type: few_shot, percent: 5|10} | {type: zero_shot, pairs: [[source, target], ...]}
+    protocol: dict[str, Any] = field(default_factory=lambda: {"type": "long_term"})
     source: str = ""
 
-    def experiment(self, dataset: str, horizon: int, params: dict[str, Any]) -> ExperimentConfig:
-        """The ExperimentConfig of one trial: fixed settings, then the dataset/horizon, then sampled params."""
+    def experiment(self, dataset: str, horizon: int, params: dict[str, Any],
+                   test_dataset: str | None = None) -> ExperimentConfig:
+        """The ExperimentConfig of one trial: fixed settings, then the cell and protocol, then sampled params."""
         d: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self.fixed.items()}
         d.setdefault("data", {})["dataset"] = dataset
+        if test_dataset:
+            d["data"]["test_dataset"] = test_dataset
+        if self.protocol.get("type") == "few_shot":
+            d["data"]["percent"] = int(self.protocol.get("percent", 10))
         d.setdefault("model", {})["pred_len"] = horizon
         d.setdefault("train", {}).setdefault("epochs", self.epochs)
         for key, value in params.items():
@@ -75,8 +101,11 @@ class StudySpec:
             d.setdefault(section, {})[name] = value
         return ExperimentConfig.from_dict(d)
 
-    def cells(self) -> list[tuple[str, int]]:
-        return list(itertools.product(self.datasets, self.horizons))
+    def cells(self) -> list[Cell]:
+        if self.protocol.get("type") == "zero_shot":
+            pairs = self.protocol.get("pairs") or ZERO_SHOT_PAIRS
+            return [Cell(src, h, tgt) for (src, tgt), h in itertools.product(pairs, self.horizons)]
+        return [Cell(ds, h) for ds, h in itertools.product(self.datasets, self.horizons)]
 
     def with_smoke(self) -> "StudySpec":
         """A tiny-budget copy for --smoke: the study's `smoke` block overrides budget and fixed settings."""
@@ -85,6 +114,8 @@ class StudySpec:
         s.trials = int(sm.get("trials", min(self.trials, 2)))
         s.epochs = int(sm.get("epochs", 1))
         s.datasets = list(sm.get("datasets", self.datasets[:1]))
+        if self.protocol.get("type") == "zero_shot":
+            s.protocol = {**self.protocol, "pairs": (self.protocol.get("pairs") or ZERO_SHOT_PAIRS)[:1]}
         s.horizons = list(sm.get("horizons", self.horizons[:1]))
         for section, values in (sm.get("fixed") or {}).items():
             s.fixed.setdefault(section, {}).update(values)
@@ -97,7 +128,15 @@ class StudySpec:
 
     def validate(self) -> None:
         where = self.source or self.name
-        for ds in self.datasets:
+        ptype = self.protocol.get("type") if isinstance(self.protocol, dict) else None
+        if ptype not in PROTOCOLS:
+            raise ConfigError(f"{where}: protocol.type: {ptype!r} must be one of {PROTOCOLS}")
+        if ptype == "few_shot" and self.protocol.get("percent", 10) not in range(1, 101):
+            raise ConfigError(f"{where}: protocol.percent: must be an integer in [1, 100]")
+        for pair in self.protocol.get("pairs") or []:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ConfigError(f"{where}: protocol.pairs: {pair!r} is not a [source, target] pair")
+        for ds in self.datasets + [d for pair in self.protocol.get("pairs") or [] for d in pair]:
             if ds not in DATASETS:
                 raise ConfigError(f"{where}: datasets: unknown dataset {ds!r}; known: {', '.join(DATASETS.names())}")
         for h in self.horizons:
@@ -132,9 +171,14 @@ class StudySpec:
             raise ConfigError(f"{where}: scheduler.type: {self.scheduler.type!r} must be asha or fifo")
         # Every combination of fixed settings with the first value of each searched parameter must be valid.
         first = {p.key: _first_value(p) for p in self.search}
-        for ds, h in self.cells():
+        if self.seeds > 1:
+            if self.searcher != "grid":
+                raise ConfigError(f"{where}: seeds: repeating over seeds needs `searcher: grid`")
+            if any(p.key == "train.seed" for p in self.search):
+                raise ConfigError(f"{where}: seeds: train.seed is also searched; use one or the other")
+        for cell in self.cells():
             try:
-                self.experiment(ds, h, first)
+                self.experiment(cell.dataset, cell.horizon, first, cell.test_dataset)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
 
@@ -199,7 +243,7 @@ def parse_study(data: dict[str, Any], source: str = "") -> StudySpec:
         resources=sub(Resources, "resources"), scheduler=sub(Scheduler, "scheduler"),
         metric=data.get("metric", "best_val_mse"), mode=data.get("mode", "min"),
         seed=int(data.get("seed", 2021)), seeds=int(data.get("seeds", 1)), smoke=data.get("smoke") or {},
-        source=source)
+        protocol=data.get("protocol") or {"type": "long_term"}, source=source)
     spec.validate()
     return spec
 

@@ -15,8 +15,8 @@ from timevlm.config import ExperimentConfig
 from timevlm.data.windows import SplitData
 from timevlm.experiment import Prepared, count_parameters, prepare
 from timevlm.features import SplitFeatures
-from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, evaluate, fit, predict
-from timevlm_platform import tracking
+from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, evaluate, fit
+from timevlm_platform import faults, tracking
 from timevlm_platform.plots import forecast_plot
 
 STATE_FILE = "train_state.pt"
@@ -30,6 +30,15 @@ def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
                     split.pred_len, split.scaler, split.description)
     sub_feats = SplitFeatures(feats.vision[rank::world], feats.text[rank::world]) if feats is not None else None
     return sub, sub_feats
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch on CUDA, else the worker process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _load_resume() -> TrainState | None:
@@ -72,6 +81,14 @@ def train_worker(config: dict[str, Any]) -> None:
                 "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
                 "n_test_windows": len(p.splits["test"])}
         tracking.safe("log setup metrics", lambda: tracking.log_metrics(client, run_id, info))
+    resume = _load_resume()
+    if client is not None:
+        node = ray.get_runtime_context().get_node_id()
+        tracking.safe("tag node", lambda: tracking.set_tags(client, run_id, {"ray_node_id": node}))
+        if resume is not None:  # a restarted worker: say from where it resumed
+            tracking.safe("log resume", lambda: tracking.log_metrics(client, run_id,
+                                                                     {"resumed_from_epoch": resume.epoch}))
+    poison_at = faults.nan_after_epoch(p.cfg.flat())
     train, train_feats = shard(p.splits["train"], p.features["train"], rank, world)
     model = p.model
     if world > 1:
@@ -79,7 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
     last: dict[str, float] = {}
 
     def on_epoch_end(m: EpochMetrics, state: TrainState, improved: bool) -> None:
-        metrics = m.as_dict()
+        metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id()}
         last.update(metrics)
         if client is not None:
             tracking.safe(f"log epoch {m.epoch}", lambda: tracking.log_metrics(client, run_id, metrics, step=m.epoch))
@@ -89,18 +106,25 @@ def train_worker(config: dict[str, Any]) -> None:
                 torch.save(state.to_dict(), Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
+        if poison_at == m.epoch:  # chaos test only (faults.py): make the next loss non-finite
+            with torch.no_grad():
+                for prm in model.parameters():
+                    prm.fill_(float("nan"))
 
     try:
         result = fit(model, train, p.splits["val"], exp.train, train_feats=train_feats,
-                     val_feats=p.features["val"], on_epoch_end=on_epoch_end, resume=_load_resume())
+                     val_feats=p.features["val"], on_epoch_end=on_epoch_end, resume=resume)
     except NonFiniteLossError as e:
+        if client is not None:
+            tracking.safe("log divergence", lambda: tracking.set_tags(client, run_id, {"failure_reason": str(e)}))
         ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": str(e)})
         return
     test = evaluate(model, p.splits["test"], p.features["test"])
     final = {**last, "test_mse": test["mse"], "test_mae": test["mae"], "best_epoch": result.best_epoch,
-             "epochs_run": len(result.history), "stopped_early": int(result.stopped_early)}
+             "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
+             "peak_mem_mb": peak_memory_mb()}
     if client is not None:
-        tracking.safe("log test metrics", lambda: tracking.log_metrics(
-            client, run_id, {k: final[k] for k in ("test_mse", "test_mae", "best_epoch", "epochs_run")}))
+        tracking.safe("log test metrics", lambda: tracking.log_metrics(client, run_id, {
+            k: final[k] for k in ("test_mse", "test_mae", "best_epoch", "epochs_run", "peak_mem_mb")}))
         _log_artifacts(client, run_id, p, model.module if hasattr(model, "module") else model)
     ray.train.report(final)

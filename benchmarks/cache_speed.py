@@ -1,0 +1,151 @@
+"""Feature cache vs the per-step (uncached) VLM path, measured in one run on one machine.
+
+    python benchmarks/cache_speed.py                # ETTh1, seq_len 512, pred_len 96, batch 32, custom VLM
+    python benchmarks/cache_speed.py --quick        # fewer iterations / windows, for a smoke check
+
+Measures (a) seconds per training iteration and peak memory of the uncached path, (b) the same for the
+cached path, (c) the one-off cost of building the cache, (d) the wall time of a 4-trial Tune study without
+and with the cache (cold cache: the study pays for the build). Each of (a)-(c) runs in its own process so
+peak memory (max RSS on CPU, max allocated on CUDA) is its own. Prints ratios, writes a CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from timevlm.data.windows import make_loader
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _exp(cache_dir: str, use_cache: bool, max_windows: int | None) -> ExperimentConfig:
+    return ExperimentConfig(
+        model=ModelConfig(seq_len=512, pred_len=96, vlm="custom"),
+        data=DataConfig(dataset="ETTh1", max_windows=max_windows),
+        train=TrainConfig(batch_size=32, cache_dir=cache_dir, use_feature_cache=use_cache, progress=False))
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_iters(args) -> dict:
+    """Child process: prepare (building or reading the cache), then time `iters` optimiser steps."""
+    cache_dir, use_cache, iters, max_windows = args
+    from timevlm.experiment import prepare
+    from timevlm.training import resolve_device
+
+    t0 = time.perf_counter()
+    p = prepare(_exp(cache_dir, use_cache, max_windows), progress=True)
+    prep = time.perf_counter() - t0
+    device = resolve_device()
+    model = p.model.to(device)
+    if not use_cache:
+        model._encoder.adapter.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = make_loader(p.splits["train"], 32, shuffle=True)
+    feats = p.features["train"]
+    times = []
+    for step, (idx, x, y) in enumerate(loader):
+        if step >= iters + 2:
+            break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(x.to(device), feats.batch(idx) if feats is not None else None)
+        loss = torch.nn.functional.mse_loss(out, y.to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - t)
+    return {"prepare_s": prep, "s_per_iter": sum(times) / len(times), "peak_mb": _peak_mb(device),
+            "cache_build_s": p.cache_info.get("cache_build_seconds", 0.0),
+            "windows": sum(len(s) for s in p.splits.values()), "device": str(device)}
+
+
+def _in_child(args) -> dict:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_train_iters, (args,))
+
+
+def _study_wall(cache_dir: str, use_cache: bool, max_windows: int, epochs: int, storage: str) -> float:
+    from timevlm_platform.runner import RunOptions, run_study
+    from timevlm_platform.study import parse_study
+
+    spec = parse_study({
+        "name": f"bench-{'cached' if use_cache else 'uncached'}", "datasets": ["ETTh1"], "horizons": [96],
+        "fixed": {"model": {"seq_len": 512}, "data": {"max_windows": max_windows}},
+        "search": {"model.norm_const": {"type": "choice", "values": [0.1, 0.4, 0.7, 1.0]},
+                   "model.d_fusion": {"type": "choice", "values": [64, 128, 256]}},
+        "budget": {"trials": 4, "epochs": epochs}, "scheduler": {"type": "fifo"}})
+    t0 = time.perf_counter()
+    run_study(spec, RunOptions(tracking_uri=f"sqlite:///{storage}/mlflow.db", storage_path=f"{storage}/ray",
+                               cache_dir=cache_dir, use_feature_cache=use_cache, fresh=True, verbose=0))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke check")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--skip-study", action="store_true")
+    args = ap.parse_args()
+    iters_uncached = args.iters or (3 if args.quick else 10)
+    iters_cached = args.iters or (10 if args.quick else 50)
+    build_windows = 256 if args.quick else None  # None: every window of ETTh1 (train, val, test)
+    study_windows, study_epochs = (64, 1) if args.quick else (1024, 2)
+    OUT.mkdir(exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = f"{tmp}/cache"
+        uncached = _in_child((cache, False, iters_uncached, build_windows))
+        build = _in_child((cache, True, iters_cached, build_windows))  # cold cache: builds it
+        cached = _in_child((cache, True, iters_cached, build_windows))  # warm cache: reads it
+        rows += [
+            {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"]},
+            {"measure": "cached s/iter", "value": cached["s_per_iter"], "peak_mb": cached["peak_mb"]},
+            {"measure": "cache build s", "value": build["cache_build_s"], "peak_mb": build["peak_mb"],
+             "note": f"{build['windows']} windows"},
+            {"measure": "cache read (prepare) s", "value": cached["prepare_s"], "peak_mb": cached["peak_mb"]},
+        ]
+        ratio_iter = uncached["s_per_iter"] / cached["s_per_iter"]
+        print(f"device {cached['device']}; ETTh1 seq_len 512 pred_len 96 batch 32, custom VLM")
+        print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB")
+        print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB")
+        print(f"    ratio     {ratio_iter:.1f}x faster per iteration")
+        print(f"(c) cache build {build['cache_build_s']:.1f} s for {build['windows']} windows "
+              f"(= {build['cache_build_s'] / uncached['s_per_iter']:.0f} uncached iterations); "
+              f"reading it back {cached['prepare_s']:.1f} s")
+        rows.append({"measure": "iteration speed-up (a/b)", "value": ratio_iter})
+        if not args.skip_study:
+            wall_u = _study_wall(f"{tmp}/study-cache", False, study_windows, study_epochs, f"{tmp}/u")
+            wall_c = _study_wall(f"{tmp}/study-cache", True, study_windows, study_epochs, f"{tmp}/c")
+            print(f"(d) 4-trial study ({study_windows} windows/split, {study_epochs} epochs): uncached "
+                  f"{wall_u:.0f} s, cached (cold cache, build included) {wall_c:.0f} s -> {wall_u / wall_c:.1f}x")
+            rows += [{"measure": "4-trial study uncached s", "value": wall_u},
+                     {"measure": "4-trial study cached (cold) s", "value": wall_c},
+                     {"measure": "study speed-up", "value": wall_u / wall_c}]
+    path = OUT / "cache_speed.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["measure", "value", "peak_mb", "note"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

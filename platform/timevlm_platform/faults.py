@@ -1,0 +1,28 @@
+"""Fault injection for chaos tests (tests/test_faults.py). Inactive unless $TIMEVLM_FAULTS is set.
+
+$TIMEVLM_FAULTS is JSON, e.g. {"nan_after_epoch": 1, "when": {"model.norm_const": 0.7}}: after that epoch the
+weights of the matching trial become NaN, so its next training step has a non-finite loss (the real
+divergence path, not a simulated one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+ENV = "TIMEVLM_FAULTS"
+
+
+def _spec() -> dict[str, Any]:
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else {}
+
+
+def nan_after_epoch(flat_config: dict[str, Any]) -> int | None:
+    spec = _spec()
+    if "nan_after_epoch" not in spec:
+        return None
+    when = spec.get("when", {})
+    if all(str(flat_config.get(k)) == str(v) for k, v in when.items()):
+        return int(spec["nan_after_epoch"])
+    return None

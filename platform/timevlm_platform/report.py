@@ -1,0 +1,146 @@
+"""`python tune.py report --study NAME`: read a finished study from MLflow and write tables and figures.
+
+Groups finished trials by dataset, horizon and searched values (seeds pooled into mean +- std), then:
+one searched parameter -> the sensitivity table and curve (metric vs value, one line per dataset, as in the
+paper's hyperparameter figure); `model.vlm` -> the variant table (parameters, s/epoch, peak memory, MSE, MAE);
+`model.model` -> models side by side; Optuna studies -> the best configurations and Optuna's parameter
+importances. Writes report.md, results.csv and PNGs under --out/NAME and logs them to the study's parent run.
+Selection is by validation; test metrics are reported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from timevlm.errors import ConfigError  # noqa: E402
+from timevlm_platform import tracking  # noqa: E402
+from timevlm_platform.study import StudySpec  # noqa: E402
+
+METRICS = ("best_val_mse", "test_mse", "test_mae")
+
+
+def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.DataFrame]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment {experiment!r}: run the study first (python tune.py --study {study})")
+    parent = tracking.find_run(client, exp.experiment_id, **{tracking.ROLE_TAG: "study", tracking.STUDY_TAG: study})
+    if parent is None:
+        raise ConfigError(f"experiment {experiment!r} has no parent run for study {study!r}")
+    runs = client.search_runs([exp.experiment_id], max_results=5000,
+                              filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
+    rows = []
+    for r in runs:
+        row = {"run_id": r.info.run_id, "status": r.info.status, "dataset": r.data.params.get("data.dataset"),
+               "horizon": int(r.data.params.get("model.pred_len", 0)),
+               "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed")}
+        row.update({k[len("searched."):]: _num(v) for k, v in r.data.params.items() if k.startswith("searched.")})
+        row.update({k: r.data.metrics.get(k) for k in (*METRICS, "params_total", "seconds", "peak_mem_mb")})
+        rows.append(row)
+    return parent.info.run_id, pd.DataFrame(rows)
+
+
+def _num(v: str):
+    try:
+        f = float(v)
+        return int(f) if f.is_integer() and "." not in v else f
+    except ValueError:
+        return v
+
+
+def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    done = df[(df["status"] == "FINISHED") & df["test_mse"].notna()]
+    by = ["dataset", "horizon", *keys]
+    agg = done.groupby(by, dropna=False).agg(
+        n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
+        test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
+        params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), peak_mem_mb=("peak_mem_mb", "max"))
+    return agg.reset_index()
+
+
+def sensitivity_plot(summary: pd.DataFrame, key: str, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for metric, ax in zip(("test_mse", "test_mae"), axes):
+        for (ds, h), g in summary.groupby(["dataset", "horizon"]):
+            g = g.sort_values(key)
+            x = g[key].astype(str) if g[key].dtype == object else g[key]
+            ax.errorbar(x, g[metric], yerr=g[f"{metric}_std"].fillna(0), marker="o", capsize=3, label=f"{ds}-{h}")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric.replace("_", " ").upper())
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"sensitivity to {key} (mean +- std over seeds; selection on validation)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def importances(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Optuna's fANOVA-free default (mean decrease impurity) importances of the searched parameters."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    done = df[df["best_val_mse"].notna()]
+    study = optuna.create_study(direction="minimize")
+    dists = {k: CategoricalDistribution(sorted(done[k].dropna().unique().tolist(), key=str)) for k in keys}
+    for _, r in done.iterrows():
+        study.add_trial(optuna.trial.create_trial(params={k: r[k] for k in keys}, distributions=dists,
+                                                  value=float(r["best_val_mse"])))
+    return pd.Series(optuna.importance.get_param_importances(study)).rename("importance")
+
+
+def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
+    from timevlm_platform.runner import platform_home
+
+    uri = tracking_uri or tracking.default_tracking_uri(platform_home())
+    tracking.check_reachable(uri)
+    client = MlflowClient(uri)
+    parent, df = collect(client, experiment or f"timevlm-{spec.name}", spec.name)
+    if df.empty:
+        raise ConfigError(f"study {spec.name!r} has no trial runs yet")
+    keys = [p.key for p in spec.search if p.key != "train.seed" and p.key in df.columns]
+    summary = summarize(df, keys)
+    dest = Path(out) / spec.name
+    dest.mkdir(parents=True, exist_ok=True)
+    df.to_csv(dest / "trials.csv", index=False)
+    summary.to_csv(dest / "results.csv", index=False)
+    lines = [f"# Study `{spec.name}`", "", spec.description, "",
+             f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished); test metrics on the scaled "
+             "data, mean +- std over seeds (n); configurations selected on validation.", ""]
+    cols = ["dataset", "horizon", *keys, "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
+            "params", "s_per_epoch", "peak_mem_mb"]
+    lines += [summary[[c for c in cols if c in summary]].to_markdown(index=False, floatfmt=".4f"), ""]
+    if len(summary["horizon"].unique()) > 1:
+        avg = summary.groupby(["dataset", *keys])[["test_mse", "test_mae"]].mean().reset_index()
+        lines += ["## Averaged over horizons", "", avg.to_markdown(index=False, floatfmt=".4f"), ""]
+    figures = []
+    if len(keys) == 1:
+        figures.append(sensitivity_plot(summary, keys[0], dest / f"sensitivity_{keys[0].split('.')[-1]}.png"))
+        lines += [f"![sensitivity]({figures[-1].name})", ""]
+    elif len(keys) > 1 and spec.searcher == "optuna":
+        best = df[df["best_val_mse"].notna()].sort_values("best_val_mse").head(5)
+        lines += ["## Best configurations (by validation)", "",
+                  best[["dataset", "horizon", *keys, *METRICS]].to_markdown(index=False, floatfmt=".4f"), ""]
+        if len(best) >= 2:
+            imp = importances(df, keys)
+            lines += ["## Parameter importances (Optuna)", "", imp.to_frame().to_markdown(floatfmt=".3f"), ""]
+            fig, ax = plt.subplots(figsize=(5, 2.8))
+            imp.sort_values().plot.barh(ax=ax)
+            ax.set_xlabel("importance for validation MSE")
+            fig.tight_layout()
+            figures.append(dest / "importances.png")
+            fig.savefig(figures[-1], dpi=110)
+            plt.close(fig)
+            lines += [f"![importances]({figures[-1].name})", ""]
+    (dest / "report.md").write_text("\n".join(lines))
+    for f in [dest / "report.md", dest / "results.csv", dest / "trials.csv", *figures]:
+        tracking.safe(f"log report {f.name}", lambda f=f: client.log_artifact(parent, str(f), "report"))
+    print("\n".join(lines))
+    print(f"\nwrote {dest} (also logged to MLflow run {parent}, artifacts/report)")
+    return dest
