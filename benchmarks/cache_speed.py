@@ -2,6 +2,7 @@
 
     python benchmarks/cache_speed.py                # ETTh1, seq_len 512, pred_len 96, batch 32, custom VLM
     python benchmarks/cache_speed.py --quick        # fewer iterations / windows, for a smoke check
+    python benchmarks/cache_speed.py --seq-len 96 --skip-study
 
 Measures (a) seconds per training iteration and peak memory of the uncached path, (b) the same for the
 cached path, (c) the one-off cost of building the cache, (d) the wall time of a 4-trial Tune study without
@@ -27,9 +28,10 @@ from timevlm.data.windows import make_loader
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _exp(cache_dir: str, use_cache: bool, max_windows: int | None) -> ExperimentConfig:
+
+def _exp(cache_dir: str, use_cache: bool, max_windows: int | None, seq_len: int = 512) -> ExperimentConfig:
     return ExperimentConfig(
-        model=ModelConfig(seq_len=512, pred_len=96, vlm="custom"),
+        model=ModelConfig(seq_len=seq_len, pred_len=96, vlm="custom"),
         data=DataConfig(dataset="ETTh1", max_windows=max_windows),
         train=TrainConfig(batch_size=32, cache_dir=cache_dir, use_feature_cache=use_cache, progress=False))
 
@@ -42,12 +44,12 @@ def _peak_mb(device: torch.device) -> float:
 
 def _train_iters(args) -> dict:
     """Child process: prepare (building or reading the cache), then time `iters` optimiser steps."""
-    cache_dir, use_cache, iters, max_windows = args
+    cache_dir, use_cache, iters, max_windows, seq_len = args
     from timevlm.experiment import prepare
     from timevlm.training import resolve_device
 
     t0 = time.perf_counter()
-    p = prepare(_exp(cache_dir, use_cache, max_windows), progress=True)
+    p = prepare(_exp(cache_dir, use_cache, max_windows, seq_len), progress=True)
     prep = time.perf_counter() - t0
     device = resolve_device()
     model = p.model.to(device)
@@ -82,13 +84,14 @@ def _in_child(args) -> dict:
         return pool.apply(_train_iters, (args,))
 
 
-def _study_wall(cache_dir: str, use_cache: bool, max_windows: int, epochs: int, storage: str) -> float:
+def _study_wall(cache_dir: str, use_cache: bool, max_windows: int, epochs: int, storage: str,
+                seq_len: int) -> float:
     from timevlm_platform.runner import RunOptions, run_study
     from timevlm_platform.study import parse_study
 
     spec = parse_study({
         "name": f"bench-{'cached' if use_cache else 'uncached'}", "datasets": ["ETTh1"], "horizons": [96],
-        "fixed": {"model": {"seq_len": 512}, "data": {"max_windows": max_windows}},
+        "fixed": {"model": {"seq_len": seq_len}, "data": {"max_windows": max_windows}},
         "search": {"model.norm_const": {"type": "choice", "values": [0.1, 0.4, 0.7, 1.0]},
                    "model.d_fusion": {"type": "choice", "values": [64, 128, 256]}},
         "budget": {"trials": 4, "epochs": epochs}, "scheduler": {"type": "fifo"}})
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke check")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--skip-study", action="store_true")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--cache-dir", help="reuse a feature cache (default: a fresh temporary one)")
     args = ap.parse_args()
     iters_uncached = args.iters or (3 if args.quick else 10)
     iters_cached = args.iters or (10 if args.quick else 50)
@@ -110,11 +115,12 @@ def main() -> None:
     study_windows, study_epochs = (64, 1) if args.quick else (1024, 2)
     OUT.mkdir(exist_ok=True)
     rows = []
+    L = args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
-        cache = f"{tmp}/cache"
-        uncached = _in_child((cache, False, iters_uncached, build_windows))
-        build = _in_child((cache, True, iters_cached, build_windows))  # cold cache: builds it
-        cached = _in_child((cache, True, iters_cached, build_windows))  # warm cache: reads it
+        cache = args.cache_dir or f"{tmp}/cache"
+        uncached = _in_child((cache, False, iters_uncached, build_windows, L))
+        build = _in_child((cache, True, iters_cached, build_windows, L))  # cold cache: builds it (if new)
+        cached = _in_child((cache, True, iters_cached, build_windows, L))  # warm cache: reads it
         rows += [
             {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"]},
             {"measure": "cached s/iter", "value": cached["s_per_iter"], "peak_mb": cached["peak_mb"]},
@@ -123,7 +129,7 @@ def main() -> None:
             {"measure": "cache read (prepare) s", "value": cached["prepare_s"], "peak_mb": cached["peak_mb"]},
         ]
         ratio_iter = uncached["s_per_iter"] / cached["s_per_iter"]
-        print(f"device {cached['device']}; ETTh1 seq_len 512 pred_len 96 batch 32, custom VLM")
+        print(f"device {cached['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, custom VLM")
         print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB")
         print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB")
         print(f"    ratio     {ratio_iter:.1f}x faster per iteration")
@@ -132,16 +138,18 @@ def main() -> None:
               f"reading it back {cached['prepare_s']:.1f} s")
         rows.append({"measure": "iteration speed-up (a/b)", "value": ratio_iter})
         if not args.skip_study:
-            wall_u = _study_wall(f"{tmp}/study-cache", False, study_windows, study_epochs, f"{tmp}/u")
-            wall_c = _study_wall(f"{tmp}/study-cache", True, study_windows, study_epochs, f"{tmp}/c")
+            wall_u = _study_wall(f"{tmp}/study-cache", False, study_windows, study_epochs, f"{tmp}/u", L)
+            wall_c = _study_wall(f"{tmp}/study-cache", True, study_windows, study_epochs, f"{tmp}/c", L)
             print(f"(d) 4-trial study ({study_windows} windows/split, {study_epochs} epochs): uncached "
                   f"{wall_u:.0f} s, cached (cold cache, build included) {wall_c:.0f} s -> {wall_u / wall_c:.1f}x")
             rows += [{"measure": "4-trial study uncached s", "value": wall_u},
                      {"measure": "4-trial study cached (cold) s", "value": wall_c},
                      {"measure": "study speed-up", "value": wall_u / wall_c}]
-    path = OUT / "cache_speed.csv"
+    for r in rows:
+        r["seq_len"] = L
+    path = OUT / f"cache_speed_L{L}.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["measure", "value", "peak_mb", "note"])
+        w = csv.DictWriter(f, fieldnames=["seq_len", "measure", "value", "peak_mb", "note"])
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")

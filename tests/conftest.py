@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from timevlm.data.files import resolve_data_dir
@@ -21,3 +23,11 @@ def data_dir() -> Path:
 def shared_cache(tmp_path_factory) -> str:
     """One feature cache for the whole test session (tests that check cache behaviour make their own)."""
     return os.environ.get("TIMEVLM_TEST_CACHE") or str(tmp_path_factory.mktemp("feature_cache"))
+
+
+def ett_frame(rows: int = 17420) -> pd.DataFrame:
+    """A synthetic ETTh1-shaped table (date + the seven ETT columns), for writing bad files in tests."""
+    cols = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    df = pd.DataFrame(np.random.default_rng(0).normal(size=(rows, 7)), columns=cols)
+    df.insert(0, "date", pd.date_range("2016-07-01", periods=rows, freq="h").astype(str))
+    return df

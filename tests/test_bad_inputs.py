@@ -7,17 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import ett_frame
 from timevlm_platform.cli import main
 
 BASE = {"name": "bad", "datasets": ["ETTh1"], "horizons": [96], "fixed": {"model": {"seq_len": 96}},
         "search": {"model.d_model": {"type": "choice", "values": [32, 64]}}, "budget": {"trials": 1, "epochs": 1}}
-
-
-def _ett(rows=17420):
-    cols = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
-    df = pd.DataFrame(np.random.default_rng(0).normal(size=(rows, 7)), columns=cols)
-    df.insert(0, "date", pd.date_range("2016-07-01", periods=rows, freq="h").astype(str))
-    return df
 
 
 def _wrong_columns(df):
@@ -60,9 +54,9 @@ def test_bad_input_gets_a_clear_error(case, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     if make == "ok":
-        _ett().to_csv(data / "ETTh1.csv", index=False)
+        ett_frame().to_csv(data / "ETTh1.csv", index=False)
     elif make is not None:
-        make(_ett()).to_csv(data / "ETTh1.csv", index=False)
+        make(ett_frame()).to_csv(data / "ETTh1.csv", index=False)
     study = tmp_path / "bad.yaml"
     study.write_text(yaml.safe_dump({**BASE, **study_changes}))
     rc = main(["--study", str(study), "--data-dir", str(data)])

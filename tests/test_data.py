@@ -9,6 +9,7 @@ from timevlm.config import DataConfig
 from timevlm.data.registry import DATASETS, get_dataset
 from timevlm.data.files import read_table
 from timevlm.data.windows import build_splits, load_split, make_loader, split_borders
+from conftest import ett_frame
 from timevlm.errors import ConfigError, DataError
 
 
@@ -79,26 +80,19 @@ def _write(tmp_path, df, name="ETTh1.csv"):
     return DataConfig(dataset="ETTh1", data_dir=str(tmp_path))
 
 
-def _ett_frame(rows=17420):
-    cols = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
-    df = pd.DataFrame(np.random.default_rng(0).normal(size=(rows, 7)), columns=cols)
-    df.insert(0, "date", pd.date_range("2016-07-01", periods=rows, freq="h").astype(str))
-    return df
-
-
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(DataError, match=r"ETTh1\.csv: data file for ETTh1 not found"):
         build_splits(DataConfig(dataset="ETTh1", data_dir=str(tmp_path)), 96, 96)
 
 
 def test_wrong_columns_are_named(tmp_path):
-    cfg = _write(tmp_path, _ett_frame().rename(columns={"OT": "oil"}))
+    cfg = _write(tmp_path, ett_frame().rename(columns={"OT": "oil"}))
     with pytest.raises(DataError, match=r"ETTh1\.csv: missing column\(s\) \['OT'\]"):
         build_splits(cfg, 96, 96)
 
 
 def test_nan_values_are_located(tmp_path):
-    df = _ett_frame()
+    df = ett_frame()
     df.loc[100, "HULL"] = np.nan
     cfg = _write(tmp_path, df)
     with pytest.raises(DataError, match=r"1 NaN/inf value\(s\), first at data row 101 column 'HULL'"):
@@ -106,7 +100,7 @@ def test_nan_values_are_located(tmp_path):
 
 
 def test_too_short_series(tmp_path):
-    cfg = _write(tmp_path, _ett_frame(rows=9000))
+    cfg = _write(tmp_path, ett_frame(rows=9000))
     with pytest.raises(DataError, match=r"9000 rows, but the ETTh1 protocol needs 14400 rows"):
         build_splits(cfg, 96, 96)
     with pytest.raises(DataError, match=r"too short for seq_len 96 \+ pred_len 3000"):

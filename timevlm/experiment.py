@@ -19,7 +19,8 @@ from timevlm.features import FeatureCache, SplitFeatures
 from timevlm.model import build_model
 from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
 from timevlm.model.vlm import load_vlm
-from timevlm.training import EpochMetrics, TrainState, evaluate, fit, resolve_device, seed_everything
+from timevlm.metrics import mae, mse
+from timevlm.training import EpochMetrics, TrainState, fit, predict, resolve_device, seed_everything
 
 
 def resolve_model_config(cfg: ModelConfig, dataset: str) -> ModelConfig:
@@ -78,6 +79,18 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     return prepared
 
 
+def test_metrics(model: torch.nn.Module, p: Prepared) -> dict[str, float]:
+    """MSE/MAE on the scaled test windows; for M4 also SMAPE, MASE and OWA on the original scale."""
+    test = p.splits["test"]
+    pred, true = predict(model, test, p.features["test"])
+    out = {"test_mse": mse(pred, true), "test_mae": mae(pred, true)}
+    if test.series is not None:
+        from timevlm.data.m4 import m4_metrics
+
+        out.update(m4_metrics(pred, test, test.dataset, p.cfg.data.data_dir))
+    return out
+
+
 def run_experiment(exp: ExperimentConfig, *,
                    on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
                    resume: TrainState | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
@@ -85,10 +98,9 @@ def run_experiment(exp: ExperimentConfig, *,
     result = fit(p.model, p.splits["train"], p.splits["val"], p.cfg.train,
                  train_feats=p.features["train"], val_feats=p.features["val"],
                  on_epoch_end=on_epoch_end, resume=resume)
-    test = evaluate(p.model, p.splits["test"], p.features["test"])
     epochs = result.history
     return {
-        "test_mse": test["mse"], "test_mae": test["mae"], "best_val_mse": result.best_val_mse,
+        **test_metrics(p.model, p), "best_val_mse": result.best_val_mse,
         "best_epoch": result.best_epoch, "epochs_run": len(epochs), "stopped_early": result.stopped_early,
         "seconds_per_epoch": float(np.mean([e.seconds for e in epochs])) if epochs else float("nan"),
         "n_train_windows": len(p.splits["train"]), "n_test_windows": len(p.splits["test"]),

@@ -11,8 +11,8 @@ from timevlm.errors import ConfigError, DataError
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tune.py", description="Time-VLM hyperparameter studies on Ray Tune + "
                                  "Optuna, every trial logged to MLflow.")
-    ap.add_argument("command", nargs="?", default="run", choices=["run", "report", "list"],
-                    help="run a study (default), report a finished one, or list the studies")
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "report", "visualize", "list"],
+                    help="run a study (default), report a finished one, visualize a trial, or list the studies")
     ap.add_argument("--study", default="default", help="name in search_spaces/ or a path to a YAML file")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (the study's `smoke` block)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted study (Tuner.restore)")
@@ -24,7 +24,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="VLM feature cache, local dir or fsspec URI (default $TIMEVLM_CACHE_DIR)")
     ap.add_argument("--no-feature-cache", action="store_true", help="compute VLM features at every step")
     ap.add_argument("--experiment", help="MLflow experiment name (default timevlm-STUDY)")
-    ap.add_argument("--out", default="reports", help="report: output folder")
+    ap.add_argument("--out", default="reports", help="report/visualize: output folder")
+    ap.add_argument("--run-id", help="visualize: the MLflow run id of a trial")
     return ap
 
 
@@ -44,6 +45,13 @@ def _dispatch(args) -> int:
         for p in sorted(SEARCH_SPACES_DIR.glob("*.yaml")):
             s = load_study(str(p))
             print(f"{s.name:14s} {s.description}")
+        return 0
+    if args.command == "visualize":
+        if not args.run_id:
+            raise ConfigError("visualize needs --run-id (a trial's MLflow run id)")
+        from timevlm_platform.visualize import visualize
+
+        visualize(args.run_id, args.tracking_uri, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir)
         return 0
     spec = load_study(args.study)
     if args.smoke:

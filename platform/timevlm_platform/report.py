@@ -23,6 +23,7 @@ from timevlm_platform import tracking  # noqa: E402
 from timevlm_platform.study import StudySpec  # noqa: E402
 
 METRICS = ("best_val_mse", "test_mse", "test_mae")
+M4_METRICS = ("test_smape", "test_mase", "test_owa")
 
 
 def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.DataFrame]:
@@ -40,7 +41,8 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
                "horizon": int(r.data.params.get("model.pred_len", 0)),
                "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed")}
         row.update({k[len("searched."):]: _num(v) for k, v in r.data.params.items() if k.startswith("searched.")})
-        row.update({k: r.data.metrics.get(k) for k in (*METRICS, "params_total", "seconds", "peak_mem_mb")})
+        row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS, "params_total", "seconds",
+                                                        "peak_mem_mb")})
         rows.append(row)
     return parent.info.run_id, pd.DataFrame(rows)
 
@@ -59,7 +61,8 @@ def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     agg = done.groupby(by, dropna=False).agg(
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
-        params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), peak_mem_mb=("peak_mem_mb", "max"))
+        params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), peak_mem_mb=("peak_mem_mb", "max"),
+        **{m[len("test_"):]: (m, "mean") for m in M4_METRICS if done[m].notna().any()})
     return agg.reset_index()
 
 
@@ -114,7 +117,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
              f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished); test metrics on the scaled "
              "data, mean +- std over seeds (n); configurations selected on validation.", ""]
     cols = ["dataset", "horizon", *keys, "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
-            "params", "s_per_epoch", "peak_mem_mb"]
+            "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
     lines += [summary[[c for c in cols if c in summary]].to_markdown(index=False, floatfmt=".4f"), ""]
     if len(summary["horizon"].unique()) > 1:
         avg = summary.groupby(["dataset", *keys])[["test_mse", "test_mae"]].mean().reset_index()

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from timevlm.config import ExperimentConfig
 from timevlm.data.windows import SplitData
-from timevlm.experiment import Prepared, count_parameters, prepare
+from timevlm.experiment import Prepared, count_parameters, prepare, test_metrics
 from timevlm.features import SplitFeatures
-from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, evaluate, fit
+from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, fit
 from timevlm_platform import faults, tracking
 from timevlm_platform.plots import forecast_plot
 
@@ -119,12 +119,12 @@ def train_worker(config: dict[str, Any]) -> None:
             tracking.safe("log divergence", lambda: tracking.set_tags(client, run_id, {"failure_reason": str(e)}))
         ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": str(e)})
         return
-    test = evaluate(model, p.splits["test"], p.features["test"])
-    final = {**last, "test_mse": test["mse"], "test_mae": test["mae"], "best_epoch": result.best_epoch,
+    test = test_metrics(model, p)
+    final = {**last, **test, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
              "peak_mem_mb": peak_memory_mb()}
     if client is not None:
         tracking.safe("log test metrics", lambda: tracking.log_metrics(client, run_id, {
-            k: final[k] for k in ("test_mse", "test_mae", "best_epoch", "epochs_run", "peak_mem_mb")}))
+            **test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}}))
         _log_artifacts(client, run_id, p, model.module if hasattr(model, "module") else model)
     ray.train.report(final)

@@ -65,6 +65,10 @@ class SplitData:
     pred_len: int
     scaler: Scaler
     description: str = ""
+    # M4 only: the series of each window and that series' scaling (metrics undo it per window)
+    series: np.ndarray | None = None
+    series_mean: np.ndarray | None = None
+    series_std: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -131,7 +135,12 @@ def load_split(name: str, split: str, seq_len: int, pred_len: int, cfg: DataConf
 
 
 def build_splits(cfg: DataConfig, seq_len: int, pred_len: int) -> dict[str, SplitData]:
-    """train/val from `cfg.dataset`; test from `cfg.test_dataset` when given (zero-shot)."""
+    """train/val from `cfg.dataset`; test from `cfg.test_dataset` when given (zero-shot). M4 sets use
+    their own per-series protocol (timevlm.data.m4)."""
+    if get_dataset(cfg.dataset).split_rule == "m4":
+        from timevlm.data.m4 import m4_splits
+
+        return m4_splits(cfg.dataset, seq_len, pred_len, cfg)
     out = {s: load_split(cfg.dataset, s, seq_len, pred_len, cfg) for s in ("train", "val")}
     out["test"] = load_split(cfg.test_dataset or cfg.dataset, "test", seq_len, pred_len, cfg)
     if out["test"].n_vars != out["train"].n_vars:

@@ -1,0 +1,61 @@
+"""`python tune.py visualize --run-id RUN`: look at what a trained trial sees and predicts.
+
+Downloads the trial's `model/` artifacts (best weights + experiment config) from MLflow, rebuilds the test
+split, and saves (1) the VAL images of a few test windows, each with its three channels and its TAL prompt,
+and (2) forecast-vs-truth plots of those windows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from timevlm.config import ExperimentConfig
+from timevlm.data.registry import get_dataset
+from timevlm.experiment import prepare
+from timevlm.model.multimodal import MultimodalEncoder
+from timevlm_platform import tracking
+from timevlm_platform.plots import forecast_plot, image_grid
+
+
+def visualize(run_id: str, tracking_uri: str | None, out: str, n_windows: int = 4,
+              data_dir: str | None = None, cache_dir: str | None = None) -> list[Path]:
+    from timevlm_platform.runner import platform_home
+
+    uri = tracking_uri or tracking.default_tracking_uri(platform_home())
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(client.download_artifacts(run_id, "model", d))
+        exp = ExperimentConfig.from_dict(json.loads((local / "experiment.json").read_text()))
+        state = torch.load(local / "best_model.pt", weights_only=True)
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, data_dir=data_dir or exp.data.data_dir),
+                              train=dataclasses.replace(exp.train, cache_dir=cache_dir or exp.train.cache_dir))
+    p = prepare(exp)
+    p.model.load_state_dict(state)
+    p.model.eval()
+    test = p.splits["test"]
+    idx = np.linspace(0, len(test) - 1, n_windows).round().astype(int)
+    x = test.inputs(idx)
+    feats = p.features["test"]
+    with torch.no_grad():
+        pred = p.model(x, feats.batch(torch.as_tensor(idx)) if feats is not None else None)
+    true = np.stack([test.window(int(i))[1] for i in idx])
+    dest = Path(out) / run_id
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [forecast_plot(x.numpy(), pred.numpy(), true, dest / "forecast_vs_truth.png",
+                           title=f"{test.dataset} test windows {idx.tolist()} (last variable, scaled)")]
+    if exp.model.model == "timevlm":
+        enc = MultimodalEncoder(p.cfg.model, adapter=None, freq=get_dataset(test.dataset).freq)  # images/prompts only
+        images = enc.images(x).numpy()
+        prompts = enc.prompts(x)
+        files.append(image_grid(images, dest / "val_images.png", titles=[f"window {i}" for i in idx]))
+        (dest / "prompts.txt").write_text("\n".join(f"window {i}: {t}" for i, t in zip(idx, prompts)))
+        files.append(dest / "prompts.txt")
+    for f in files:
+        print(f"wrote {f}")
+    return files
