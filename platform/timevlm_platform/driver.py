@@ -17,7 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from timevlm_platform import tracking
 from timevlm_platform.study import Cell, StudySpec
-from timevlm_platform.worker import train_worker
+from timevlm_platform.worker import diverged_reason, train_worker
 
 
 class TrialDiverged(RuntimeError):
@@ -82,9 +82,8 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         if run_id:
             tracking.safe("mark trial failed", lambda: tracking.finish(client, run_id, False, f"{type(e).__name__}: {e}"))
         raise
-    final = result.metrics or {}
-    if final.get("diverged"):
-        reason = final.get("failure", "non-finite loss")
+    reason = diverged_reason(result.checkpoint)
+    if reason:
         if run_id:
             tracking.safe("mark trial diverged", lambda: tracking.finish(client, run_id, False, f"diverged: {reason}"))
         raise TrialDiverged(reason)

@@ -20,6 +20,7 @@ from timevlm_platform import faults, tracking
 from timevlm_platform.plots import forecast_plot
 
 STATE_FILE = "train_state.pt"
+DIVERGED_FILE = "diverged.json"  # a checkpoint holding this marks a diverged run (read by the driver)
 
 
 def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
@@ -41,12 +42,33 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _load_resume() -> TrainState | None:
+def _load_resume() -> TrainState | str | None:
+    """The state to resume from, or the failure text if the run already diverged, or None."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
+        if (Path(d) / DIVERGED_FILE).exists():
+            return json.loads((Path(d) / DIVERGED_FILE).read_text())["failure"]
         return TrainState.from_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+
+
+def diverged_reason(checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """Driver side: the failure text when a run ended in divergence."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        marker = Path(d) / DIVERGED_FILE
+        return json.loads(marker.read_text())["failure"] if marker.exists() else None
+
+
+def _report_divergence(rank: int, last: dict, reason: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            (Path(d) / DIVERGED_FILE).write_text(json.dumps({"failure": reason}))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": reason}, checkpoint=ckpt)
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
@@ -82,6 +104,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 "n_test_windows": len(p.splits["test"])}
         tracking.safe("log setup metrics", lambda: tracking.log_metrics(client, run_id, info))
     resume = _load_resume()
+    if isinstance(resume, str):  # restarted after it had already diverged: say so again, do not retrain
+        _report_divergence(rank, {}, resume)
+        return
     if client is not None:
         node = ray.get_runtime_context().get_node_id()
         tracking.safe("tag node", lambda: tracking.set_tags(client, run_id, {"ray_node_id": node}))
@@ -117,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
     except NonFiniteLossError as e:
         if client is not None:
             tracking.safe("log divergence", lambda: tracking.set_tags(client, run_id, {"failure_reason": str(e)}))
-        ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": str(e)})
+        _report_divergence(rank, last, str(e))
         return
     test = test_metrics(model, p)
     final = {**last, **test, "best_epoch": result.best_epoch,
