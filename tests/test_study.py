@@ -84,3 +84,11 @@ def test_optuna_search_never_repeats_a_configuration_until_the_space_is_used_up(
     s.set_search_properties("best_val_mse", "min", param_space(spec))
     configs = [s.suggest(f"t{i}") for i in range(12)]
     assert len({tuple(sorted(c.items())) for c in configs}) == 12
+
+
+def test_asha_never_stops_a_trial_at_its_last_epoch():
+    from timevlm_platform.search_space import scheduler
+
+    spec = load_study("default")
+    asha = scheduler(spec)
+    assert asha._max_t == spec.epochs + 1  # reaching the last epoch must not count as "stop"

@@ -138,6 +138,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         "metric": spec.metric, "seed": spec.seed, "search": "; ".join(f"{p.key}~{p.kind}{p.args}" for p in spec.search),
         **{f"fixed.{s}.{k}": v for s, vals in spec.fixed.items() for k, v in vals.items()}})
 
+    # A trial stopped early by ASHA frees its Train workers asynchronously; the next trial's worker group
+    # must be allowed to wait for them longer than Ray Train's default 60 s (inherited by a local cluster;
+    # on a real cluster set it in the job's runtime env, see cluster/runtime_env.yaml).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
     if not ray.is_initialized():
         ray.init(address=opts.address, include_dashboard=False if opts.address is None else None,
                  log_to_driver=True)

@@ -71,7 +71,9 @@ def searcher(spec: StudySpec) -> Searcher | None:
 
 def scheduler(spec: StudySpec) -> TrialScheduler:
     if spec.scheduler.type == "asha" and spec.epochs > spec.scheduler.grace_period:
-        return ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
+        # max_t one past the last epoch: ASHA stops a trial when it *reaches* max_t, which would cut off a
+        # finishing trial before its final report (test metrics) and orphan its Train workers.
+        return ASHAScheduler(time_attr="epoch", max_t=spec.epochs + 1, grace_period=spec.scheduler.grace_period,
                              reduction_factor=spec.scheduler.reduction_factor)
     return FIFOScheduler()
 
