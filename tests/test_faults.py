@@ -51,11 +51,13 @@ def _train_workers():
 
 def test_worker_kill_and_nan_trial(tmp_path, shared_cache, monkeypatch):
     monkeypatch.setenv("TIMEVLM_FAULTS", json.dumps({"nan_after_epoch": 1, "when": {"model.norm_const": 0.7}}))
-    spec = load_study(str(_study(tmp_path, "faults", [0.1, 0.7, 1.0], epochs=4, windows=256)))
+    spec = load_study(str(_study(tmp_path, "faults", [0.1, 0.7, 1.0], epochs=6, windows=256)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed = []
 
-    def killer():  # kill the only Train worker once the first trial (norm_const 0.1) has reported epoch 1
+    def killer():  # kill the only Train worker once the first trial (norm_const 0.1) has logged epoch 3, so
+        # that the Train controller has surely registered an earlier checkpoint (a report still buffered in a
+        # worker when it dies is lost with it)
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             time.sleep(0.3)
@@ -64,7 +66,7 @@ def test_worker_kill_and_nan_trial(tmp_path, shared_cache, monkeypatch):
             except Exception:  # noqa: BLE001 - the store may not exist yet
                 continue
             first = [r for r in kids if r.data.params.get("model.norm_const") == "0.1"]
-            if first and len(c.get_metric_history(first[0].info.run_id, "val_mse")) >= 1:
+            if first and len(c.get_metric_history(first[0].info.run_id, "val_mse")) >= 3:
                 for p in _train_workers():
                     p.kill()
                     killed.append(p.pid)
@@ -81,13 +83,13 @@ def test_worker_kill_and_nan_trial(tmp_path, shared_cache, monkeypatch):
     assert killed, "the worker was never killed"
     table = out["table"].set_index("norm_const")
     assert table.loc[0.1, "status"] == "DONE" and table.loc[1.0, "status"] == "DONE"
-    assert table.loc[0.7, "status"] == "ERROR" and "diverged" in table.loc[0.7, "error"]
+    assert table.loc[0.7, "status"] == "ERROR" and "TrialDiverged: loss is nan" in table.loc[0.7, "error"]
     c, kids, _ = _children(uri, "timevlm-faults")
     by_nc = {r.data.params["model.norm_const"]: r for r in kids}
     assert len(kids) == 3
     survivor = by_nc["0.1"]
     assert survivor.info.status == "FINISHED" and survivor.data.metrics["resumed_from_epoch"] >= 1
-    assert sorted({m.step for m in c.get_metric_history(survivor.info.run_id, "val_mse")}) == [1, 2, 3, 4]
+    assert sorted({m.step for m in c.get_metric_history(survivor.info.run_id, "val_mse")}) == [1, 2, 3, 4, 5, 6]
     nan_run = by_nc["0.7"]
     assert nan_run.info.status == "FAILED" and "loss is nan" in nan_run.data.tags["failure_reason"]
     assert by_nc["1.0"].info.status == "FINISHED"  # the study went on after the NaN trial

@@ -68,7 +68,8 @@ def _report_divergence(rank: int, last: dict, reason: str) -> None:
         if rank == 0:
             (Path(d) / DIVERGED_FILE).write_text(json.dumps({"failure": reason}))
             ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({**last, "epoch": last.get("epoch", 0), "diverged": 1, "failure": reason}, checkpoint=ckpt)
+        ray.train.report({**last, "epoch": last.get("epoch", 0), "best_val_mse": last.get("best_val_mse", float("inf")),
+                          "diverged": 1, "failure": reason}, checkpoint=ckpt)
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
@@ -118,7 +119,9 @@ def train_worker(config: dict[str, Any]) -> None:
     model = p.model
     if world > 1:
         model = ray.train.torch.prepare_model(model)
-    last: dict[str, float] = {}
+    # the last epoch's metrics; after a restart from a checkpoint taken at the very end of training,
+    # no epoch runs again, so they come from the checkpoint (Tune needs the metric in the final report)
+    last: dict[str, float] = dict(resume.history[-1].as_dict()) if resume is not None and resume.history else {}
 
     def on_epoch_end(m: EpochMetrics, state: TrainState, improved: bool) -> None:
         metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id()}
@@ -145,7 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
         _report_divergence(rank, last, str(e))
         return
     test = test_metrics(model, p)
-    final = {**last, **test, "best_epoch": result.best_epoch,
+    final = {**last, **test, "best_val_mse": result.best_val_mse, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
              "peak_mem_mb": peak_memory_mb()}
     if client is not None:
