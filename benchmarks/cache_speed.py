@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import multiprocessing as mp
 import resource
 import tempfile

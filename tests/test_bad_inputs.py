@@ -3,7 +3,6 @@ before Ray starts or any MLflow run is made. The table in the issue's closing no
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 

@@ -1,7 +1,6 @@
 """`tune.py report` on a study whose MLflow runs are written here by hand (known values -> known table)."""
 from __future__ import annotations
 
-import copy
 
 import pandas as pd
 import pytest
