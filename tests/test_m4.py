@@ -29,6 +29,22 @@ def test_m4_hourly_splits(data_dir):
         build_splits(DataConfig(dataset="M4-Hourly"), 96, 96)
 
 
+def test_data_parallel_shards_keep_each_windows_series(data_dir):
+    """Sharding the training windows across Train workers must carry the per-window M4 fields along."""
+    from timevlm_platform.worker import shard
+
+    train = build_splits(DataConfig(dataset="M4-Hourly"), 96, 48)["train"]
+    parts = [shard(train, None, rank, 3)[0] for rank in range(3)]
+    assert sum(len(p) for p in parts) == len(train)
+    assert sorted(np.concatenate([p.starts for p in parts]).tolist()) == sorted(train.starts.tolist())
+    p1 = parts[1]
+    for j in (0, len(p1) - 1):
+        i = 1 + 3 * j  # rank 1 of 3 holds windows 1, 4, 7, ...
+        assert p1.starts[j] == train.starts[i]
+        assert (p1.series[j], p1.series_mean[j], p1.series_std[j]) == \
+            (train.series[i], train.series_mean[i], train.series_std[i])
+
+
 def test_naive2_scores_itself_as_owa_one(data_dir):
     splits = build_splits(DataConfig(dataset="M4-Weekly"), 26, 13)
     test = splits["test"]

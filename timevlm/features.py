@@ -73,7 +73,7 @@ class FeatureCache:
 
     def get_or_build(self, settings: dict, split: SplitData,
                      make_encoder: Callable[[], MultimodalEncoder], batch_size: int = 256,
-                     progress: bool = True) -> "SplitFeatures":
+                     progress: bool = True) -> SplitFeatures:
         """Load the split's features, building them first (once, under a lock) if they are missing.
         `make_encoder` is called only on a miss, so cache hits never load the VLM."""
         key = cache_key(settings, split)
@@ -108,7 +108,7 @@ class FeatureCache:
             pq.write_table(table, f)
         self.fs.mv(tmp, self.path(key))
 
-    def _read(self, key: str) -> "SplitFeatures":
+    def _read(self, key: str) -> SplitFeatures:
         with self.fs.open(self.path(key), "rb") as f:
             table = pq.read_table(f)
         meta = table.schema.metadata
@@ -128,6 +128,9 @@ class SplitFeatures:
 
     def batch(self, idx: torch.Tensor) -> Features:
         return {"vision": self.vision[idx], "text": self.text[idx]}
+
+    def subset(self, rows: slice) -> SplitFeatures:
+        return SplitFeatures(self.vision[rows], self.text[rows])
 
 
 def build_features(encoder: MultimodalEncoder, split: SplitData, batch_size: int = 256,

@@ -43,6 +43,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process's work on `device`: torch's max allocated on CUDA, else peak resident
+    memory of the process (max RSS, which also counts the Python interpreter and libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -15,7 +15,13 @@ from timevlm.config import ExperimentConfig
 from timevlm.data.windows import SplitData
 from timevlm.experiment import Prepared, count_parameters, prepare, test_metrics
 from timevlm.features import SplitFeatures
-from timevlm.training import EpochMetrics, NonFiniteLossError, TrainState, fit
+from timevlm.training import (
+    EpochMetrics,
+    NonFiniteLossError,
+    TrainState,
+    fit,
+    peak_memory_mb,
+)
 from timevlm_platform import faults, tracking
 from timevlm_platform.plots import forecast_plot
 
@@ -27,19 +33,8 @@ def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
     """This worker's share of the training windows (and their cached features), for data parallelism."""
     if world == 1:
         return split, feats
-    sub = SplitData(split.dataset, split.split, split.values, split.starts[rank::world], split.seq_len,
-                    split.pred_len, split.scaler, split.description)
-    sub_feats = SplitFeatures(feats.vision[rank::world], feats.text[rank::world]) if feats is not None else None
-    return sub, sub_feats
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch on CUDA, else the worker process's peak resident memory."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = slice(rank, None, world)
+    return split.subset(rows), feats.subset(rows) if feats is not None else None
 
 
 def _load_resume() -> TrainState | str | None:
@@ -150,7 +145,7 @@ def train_worker(config: dict[str, Any]) -> None:
     test = test_metrics(model, p)
     final = {**last, **test, "best_val_mse": result.best_val_mse, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
-             "peak_mem_mb": peak_memory_mb()}
+             "peak_mem_mb": peak_memory_mb(next(model.parameters()).device)}
     if client is not None:
         tracking.safe("log test metrics", lambda: tracking.log_metrics(client, run_id, {
             **test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}}))

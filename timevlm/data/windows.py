@@ -1,7 +1,7 @@
 """Split borders (the paper's protocol), train-only scaling, few-shot/zero-shot, sliding windows, loaders."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -80,6 +80,12 @@ class SplitData:
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s = int(self.starts[i])
         return self.values[s:s + self.seq_len], self.values[s + self.seq_len:s + self.seq_len + self.pred_len]
+
+    def subset(self, rows: np.ndarray | slice) -> SplitData:
+        """The same split restricted to some windows (per-window M4 fields follow their windows)."""
+        pick = (lambda a: None if a is None else a[rows])
+        return replace(self, starts=self.starts[rows], series=pick(self.series),
+                                   series_mean=pick(self.series_mean), series_std=pick(self.series_std))
 
     def inputs(self, idx: np.ndarray) -> torch.Tensor:
         """Batch of input windows [len(idx), seq_len, n_vars] for the given window indices."""
