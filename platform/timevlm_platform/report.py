@@ -71,8 +71,10 @@ def sensitivity_plot(summary: pd.DataFrame, key: str, path: Path) -> Path:
     for metric, ax in zip(("test_mse", "test_mae"), axes):
         for (ds, h), g in summary.groupby(["dataset", "horizon"]):
             g = g.sort_values(key)
-            x = g[key].astype(str) if g[key].dtype == object else g[key]
-            ax.errorbar(x, g[metric], yerr=g[f"{metric}_std"].fillna(0), marker="o", capsize=3, label=f"{ds}-{h}")
+            categorical = not pd.api.types.is_numeric_dtype(g[key])  # e.g. models, VLM variants: no line
+            x = g[key].astype(str) if categorical else g[key]
+            ax.errorbar(x, g[metric], yerr=g[f"{metric}_std"].fillna(0), marker="o", capsize=3, label=f"{ds}-{h}",
+                        linestyle="none" if categorical else "-")
         ax.set_xlabel(key)
         ax.set_ylabel(metric.replace("_", " ").upper())
         ax.grid(alpha=0.3)
@@ -98,6 +100,14 @@ def importances(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     return pd.Series(optuna.importance.get_param_importances(study)).rename("importance")
 
 
+_COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "n": ".0f"}
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A markdown table with metrics at 4 decimals and counts, memory and seconds in readable units."""
+    return df.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns))
+
+
 def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
     from timevlm_platform.runner import platform_home
 
@@ -118,10 +128,10 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
              "data, mean +- std over seeds (n); configurations selected on validation.", ""]
     cols = ["dataset", "horizon", *keys, "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
             "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
-    lines += [summary[[c for c in cols if c in summary]].to_markdown(index=False, floatfmt=".4f"), ""]
+    lines += [_markdown(summary[[c for c in cols if c in summary]]), ""]
     if len(summary["horizon"].unique()) > 1:
         avg = summary.groupby(["dataset", *keys])[["test_mse", "test_mae"]].mean().reset_index()
-        lines += ["## Averaged over horizons", "", avg.to_markdown(index=False, floatfmt=".4f"), ""]
+        lines += ["## Averaged over horizons", "", _markdown(avg), ""]
     figures = []
     if len(keys) == 1:
         figures.append(sensitivity_plot(summary, keys[0], dest / f"sensitivity_{keys[0].split('.')[-1]}.png"))
@@ -129,7 +139,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     elif len(keys) > 1 and spec.searcher == "optuna":
         best = df[df["best_val_mse"].notna()].sort_values("best_val_mse").head(5)
         lines += ["## Best configurations (by validation)", "",
-                  best[["dataset", "horizon", *keys, *METRICS]].to_markdown(index=False, floatfmt=".4f"), ""]
+                  _markdown(best[["dataset", "horizon", *keys, *METRICS]]), ""]
         if len(best) >= 2:
             imp = importances(df, keys)
             lines += ["## Parameter importances (Optuna)", "", imp.to_frame().to_markdown(floatfmt=".3f"), ""]
