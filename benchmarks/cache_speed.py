@@ -3,6 +3,8 @@
     python benchmarks/cache_speed.py                # ETTh1, seq_len 512, pred_len 96, batch 32, custom VLM
     python benchmarks/cache_speed.py --quick        # fewer iterations / windows, for a smoke check
     python benchmarks/cache_speed.py --seq-len 96 --skip-study
+    python benchmarks/full_size_vlm.py /tmp/clip-b32 && \
+        python benchmarks/cache_speed.py --vlm clip --vlm-path /tmp/clip-b32 --skip-study --build-windows 256
 
 Measures (a) seconds per training iteration and peak memory of the uncached path, (b) the same for the
 cached path, (c) the one-off cost of building the cache, (d) the wall time of a 4-trial Tune study without
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -28,27 +29,22 @@ OUT = Path(__file__).resolve().parent / "results"
 
 
 
-def _exp(cache_dir: str, use_cache: bool, max_windows: int | None, seq_len: int = 512) -> ExperimentConfig:
+def _exp(cache_dir: str, use_cache: bool, max_windows: int | None, seq_len: int, vlm: str,
+         vlm_path: str | None) -> ExperimentConfig:
     return ExperimentConfig(
-        model=ModelConfig(seq_len=seq_len, pred_len=96, vlm="custom"),
+        model=ModelConfig(seq_len=seq_len, pred_len=96, vlm=vlm, vlm_path=vlm_path),
         data=DataConfig(dataset="ETTh1", max_windows=max_windows),
         train=TrainConfig(batch_size=32, cache_dir=cache_dir, use_feature_cache=use_cache, progress=False))
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _train_iters(args) -> dict:
     """Child process: prepare (building or reading the cache), then time `iters` optimiser steps."""
-    cache_dir, use_cache, iters, max_windows, seq_len = args
+    cache_dir, use_cache, iters, max_windows, seq_len, vlm, vlm_path = args
     from timevlm.experiment import prepare
-    from timevlm.training import resolve_device
+    from timevlm.training import peak_memory_mb, resolve_device
 
     t0 = time.perf_counter()
-    p = prepare(_exp(cache_dir, use_cache, max_windows, seq_len), progress=True)
+    p = prepare(_exp(cache_dir, use_cache, max_windows, seq_len, vlm, vlm_path), progress=True)
     prep = time.perf_counter() - t0
     device = resolve_device()
     model = p.model.to(device)
@@ -73,7 +69,7 @@ def _train_iters(args) -> dict:
             torch.cuda.synchronize()
         if step >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t)
-    return {"prepare_s": prep, "s_per_iter": sum(times) / len(times), "peak_mb": _peak_mb(device),
+    return {"prepare_s": prep, "s_per_iter": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
             "cache_build_s": p.cache_info.get("cache_build_seconds", 0.0),
             "windows": sum(len(s) for s in p.splits.values()), "device": str(device)}
 
@@ -84,13 +80,13 @@ def _in_child(args) -> dict:
 
 
 def _study_wall(cache_dir: str, use_cache: bool, max_windows: int, epochs: int, storage: str,
-                seq_len: int) -> float:
+                model: dict) -> float:
     from timevlm_platform.runner import RunOptions, run_study
     from timevlm_platform.study import parse_study
 
     spec = parse_study({
         "name": f"bench-{'cached' if use_cache else 'uncached'}", "datasets": ["ETTh1"], "horizons": [96],
-        "fixed": {"model": {"seq_len": seq_len}, "data": {"max_windows": max_windows}},
+        "fixed": {"model": model, "data": {"max_windows": max_windows}},
         "search": {"model.norm_const": {"type": "choice", "values": [0.1, 0.4, 0.7, 1.0]},
                    "model.d_fusion": {"type": "choice", "values": [64, 128, 256]}},
         "budget": {"trials": 4, "epochs": epochs}, "scheduler": {"type": "fifo"}})
@@ -107,19 +103,23 @@ def main() -> None:
     ap.add_argument("--skip-study", action="store_true")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--cache-dir", help="reuse a feature cache (default: a fresh temporary one)")
+    ap.add_argument("--vlm", default="custom", help="VLM variant (the issue's configuration: custom)")
+    ap.add_argument("--vlm-path", help="weights folder of a hub variant (e.g. from full_size_vlm.py)")
+    ap.add_argument("--build-windows", type=int, help="windows per split to build/measure (default: all)")
     args = ap.parse_args()
     iters_uncached = args.iters or (3 if args.quick else 10)
     iters_cached = args.iters or (10 if args.quick else 50)
-    build_windows = 256 if args.quick else None  # None: every window of ETTh1 (train, val, test)
+    build_windows = args.build_windows or (256 if args.quick else None)  # None: every ETTh1 window
     study_windows, study_epochs = (64, 1) if args.quick else (1024, 2)
     OUT.mkdir(exist_ok=True)
     rows = []
     L = args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or f"{tmp}/cache"
-        uncached = _in_child((cache, False, iters_uncached, build_windows, L))
-        build = _in_child((cache, True, iters_cached, build_windows, L))  # cold cache: builds it (if new)
-        cached = _in_child((cache, True, iters_cached, build_windows, L))  # warm cache: reads it
+        run = (build_windows, L, args.vlm, args.vlm_path)
+        uncached = _in_child((cache, False, iters_uncached, *run))
+        build = _in_child((cache, True, iters_cached, *run))  # cold cache: builds it (if new)
+        cached = _in_child((cache, True, iters_cached, *run))  # warm cache: reads it
         rows += [
             {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"]},
             {"measure": "cached s/iter", "value": cached["s_per_iter"], "peak_mb": cached["peak_mb"]},
@@ -128,7 +128,7 @@ def main() -> None:
             {"measure": "cache read (prepare) s", "value": cached["prepare_s"], "peak_mb": cached["peak_mb"]},
         ]
         ratio_iter = uncached["s_per_iter"] / cached["s_per_iter"]
-        print(f"device {cached['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, custom VLM")
+        print(f"device {cached['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, VLM {args.vlm}")
         print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB")
         print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB")
         print(f"    ratio     {ratio_iter:.1f}x faster per iteration")
@@ -137,18 +137,19 @@ def main() -> None:
               f"reading it back {cached['prepare_s']:.1f} s")
         rows.append({"measure": "iteration speed-up (a/b)", "value": ratio_iter})
         if not args.skip_study:
-            wall_u = _study_wall(f"{tmp}/study-cache", False, study_windows, study_epochs, f"{tmp}/u", L)
-            wall_c = _study_wall(f"{tmp}/study-cache", True, study_windows, study_epochs, f"{tmp}/c", L)
+            model = {"seq_len": L, "vlm": args.vlm, **({"vlm_path": args.vlm_path} if args.vlm_path else {})}
+            wall_u = _study_wall(f"{tmp}/study-cache", False, study_windows, study_epochs, f"{tmp}/u", model)
+            wall_c = _study_wall(f"{tmp}/study-cache", True, study_windows, study_epochs, f"{tmp}/c", model)
             print(f"(d) 4-trial study ({study_windows} windows/split, {study_epochs} epochs): uncached "
                   f"{wall_u:.0f} s, cached (cold cache, build included) {wall_c:.0f} s -> {wall_u / wall_c:.1f}x")
             rows += [{"measure": "4-trial study uncached s", "value": wall_u},
                      {"measure": "4-trial study cached (cold) s", "value": wall_c},
                      {"measure": "study speed-up", "value": wall_u / wall_c}]
     for r in rows:
-        r["seq_len"] = L
-    path = OUT / f"cache_speed_L{L}.csv"
+        r["seq_len"], r["vlm"] = L, args.vlm
+    path = OUT / f"cache_speed_L{L}{'' if args.vlm == 'custom' else '_' + args.vlm}.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["seq_len", "measure", "value", "peak_mb", "note"])
+        w = csv.DictWriter(f, fieldnames=["seq_len", "vlm", "measure", "value", "peak_mb", "note"])
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")
