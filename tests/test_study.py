@@ -92,3 +92,22 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
     spec = load_study("default")
     asha = scheduler(spec)
     assert asha._max_t == spec.epochs + 1  # reaching the last epoch must not count as "stop"
+
+
+def test_reduced_budget_copy_is_its_own_study():
+    base = load_study("norm_const")
+    s = base.with_overrides(epochs=3, datasets=["ETTh1"], settings=["model.seq_len=96"])
+    assert s.name == "norm_const-epochs3-ETTh1-seq_len96"  # own MLflow experiment and Ray results
+    assert (s.epochs, s.datasets) == (3, ["ETTh1"])
+    exp = s.experiment("ETTh1", 96, {"model.norm_const": 0.7})
+    assert (exp.model.seq_len, exp.model.norm_const, exp.train.epochs) == (96, 0.7, 3)
+    assert base.epochs == 10 and base.fixed["model"]["seq_len"] == 512  # the original is untouched
+    assert base.with_overrides() is base
+    assert load_study("baselines").with_overrides(seeds=2).seeds == 2
+    assert load_study("default").with_smoke().with_overrides(epochs=2).experiment("ETTh1", 96, {}).train.epochs == 2
+    with pytest.raises(ConfigError, match="model.norm_const is searched by study 'norm_const'"):
+        base.with_overrides(settings=["model.norm_const=0.4"])
+    with pytest.raises(ConfigError, match="fixed.model.dmodel: unknown setting"):
+        base.with_overrides(settings=["model.dmodel=64"])
+    with pytest.raises(ConfigError, match="budget: trials and epochs must be >= 1"):
+        base.with_overrides(epochs=0)

@@ -15,6 +15,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="run a study (default), report a finished one, visualize a trial, or list the studies")
     ap.add_argument("--study", default="default", help="name in search_spaces/ or a path to a YAML file")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (the study's `smoke` block)")
+    ap.add_argument("--epochs", type=int, help="override the study's epochs per trial (a reduced-budget copy)")
+    ap.add_argument("--seeds", type=int, help="override the study's number of seeds per grid point")
+    ap.add_argument("--datasets", nargs="+", metavar="NAME", help="override the study's datasets")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a fixed setting, e.g. --set model.seq_len=96 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted study (Tuner.restore)")
     ap.add_argument("--fresh", action="store_true", help="discard earlier Ray results of this study first")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./mlruns)")
@@ -56,6 +61,7 @@ def _dispatch(args) -> int:
     spec = load_study(args.study)
     if args.smoke:
         spec = spec.with_smoke()
+    spec = spec.with_overrides(epochs=args.epochs, seeds=args.seeds, datasets=args.datasets, settings=args.set)
     if args.command == "report":
         from timevlm_platform.report import write_report
 

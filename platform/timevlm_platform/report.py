@@ -29,7 +29,8 @@ M4_METRICS = ("test_smape", "test_mase", "test_owa")
 def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.DataFrame]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError(f"no MLflow experiment {experiment!r}: run the study first (python tune.py --study {study})")
+        raise ConfigError(f"no MLflow experiment {experiment!r}: run study {study!r} first (with the same "
+                          "--epochs/--seeds/--datasets/--set options, if any)")
     parent = tracking.find_run(client, exp.experiment_id, **{tracking.ROLE_TAG: "study", tracking.STUDY_TAG: study})
     if parent is None:
         raise ConfigError(f"experiment {experiment!r} has no parent run for study {study!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,39 @@ class StudySpec:
             s.search = [_parse_param(k, v, f"{self.source or self.name} (smoke)") for k, v in sm["search"].items()]
         s.fixed.setdefault("data", {}).setdefault("max_windows", 256)
         s.fixed["train"] = {**s.fixed.get("train", {}), "epochs": s.epochs}
+        s.validate()
+        return s
+
+    def with_overrides(self, *, epochs: int | None = None, seeds: int | None = None,
+                       datasets: list[str] | None = None, settings: list[str] | None = None) -> StudySpec:
+        """A changed copy (e.g. a reduced budget for a CPU): `settings` are `section.key=value` fixed settings.
+
+        The copy is a different study, so its name says what changed (`baselines-epochs3-seeds2`): its MLflow
+        experiment, Ray results and `--resume` never mix with the full study's. `report` with the same flags
+        finds it again.
+        """
+        from timevlm.train import apply_overrides
+
+        s = dataclasses.replace(self, fixed={k: dict(v) for k, v in self.fixed.items()})
+        tags = []
+        if epochs is not None:
+            s.epochs, tags = int(epochs), tags + [f"epochs{epochs}"]
+            if "epochs" in s.fixed.get("train", {}):
+                s.fixed["train"]["epochs"] = s.epochs
+        if seeds is not None:
+            s.seeds, tags = int(seeds), tags + [f"seeds{seeds}"]
+        if datasets:
+            s.datasets, tags = list(datasets), tags + list(datasets)
+        if settings:
+            searched = {p.key for p in self.search}
+            for item in settings:
+                if item.split("=", 1)[0] in searched:
+                    raise ConfigError(f"--set {item}: {item.split('=', 1)[0]} is searched by study {self.name!r}")
+            apply_overrides(s.fixed, settings)
+            tags += [item.split(".", 1)[-1].replace("=", "") for item in settings]
+        if not tags:
+            return self
+        s.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join([self.name, *tags]))
         s.validate()
         return s
 
