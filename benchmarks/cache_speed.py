@@ -9,7 +9,9 @@
 Measures (a) seconds per training iteration and peak memory of the uncached path, (b) the same for the
 cached path, (c) the one-off cost of building the cache, (d) the wall time of a 4-trial Tune study without
 and with the cache (cold cache: the study pays for the build). Each of (a)-(c) runs in its own process so
-peak memory (max RSS on CPU, max allocated on CUDA) is its own. Prints ratios, writes a CSV.
+peak memory (max RSS on CPU, max allocated on CUDA) is its own; (a) and (b) alternate over several rounds
+and report the median iteration with its quartiles, since a shared CPU drifts by tens of percent between
+minutes. Prints ratios, writes a CSV.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
@@ -69,7 +72,7 @@ def _train_iters(args) -> dict:
             torch.cuda.synchronize()
         if step >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t)
-    return {"prepare_s": prep, "s_per_iter": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
+    return {"prepare_s": prep, "times": times, "peak_mb": peak_memory_mb(device),
             "cache_build_s": p.cache_info.get("cache_build_seconds", 0.0),
             "windows": sum(len(s) for s in p.splits.values()), "device": str(device)}
 
@@ -77,6 +80,14 @@ def _train_iters(args) -> dict:
 def _in_child(args) -> dict:
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(_train_iters, (args,))
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """Iteration times of several rounds pooled: median and quartiles (robust to a noisy neighbour's burst)."""
+    t = np.concatenate([r["times"] for r in runs])
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    return {"s_per_iter": float(med), "q1": float(q1), "q3": float(q3), "n": len(t),
+            "peak_mb": max(r["peak_mb"] for r in runs), "prepare_s": float(np.median([r["prepare_s"] for r in runs]))}
 
 
 def _study_wall(cache_dir: str, use_cache: bool, max_windows: int, epochs: int, storage: str,
@@ -106,6 +117,8 @@ def main() -> None:
     ap.add_argument("--vlm", default="custom", help="VLM variant (the issue's configuration: custom)")
     ap.add_argument("--vlm-path", help="weights folder of a hub variant (e.g. from full_size_vlm.py)")
     ap.add_argument("--build-windows", type=int, help="windows per split to build/measure (default: all)")
+    ap.add_argument("--rounds", type=int, help="alternating uncached/cached rounds, each its own process "
+                    "(default 3; --quick 1)")
     args = ap.parse_args()
     iters_uncached = args.iters or (3 if args.quick else 10)
     iters_cached = args.iters or (10 if args.quick else 50)
@@ -117,20 +130,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or f"{tmp}/cache"
         run = (build_windows, L, args.vlm, args.vlm_path)
-        uncached = _in_child((cache, False, iters_uncached, *run))
-        build = _in_child((cache, True, iters_cached, *run))  # cold cache: builds it (if new)
-        cached = _in_child((cache, True, iters_cached, *run))  # warm cache: reads it
+        build = _in_child((cache, True, 1, *run))  # cold cache: builds it (if new)
+        rounds: dict[bool, list[dict]] = {False: [], True: []}
+        for _ in range(args.rounds or (1 if args.quick else 3)):  # interleaved, so drift hits both paths
+            rounds[False].append(_in_child((cache, False, iters_uncached, *run)))
+            rounds[True].append(_in_child((cache, True, iters_cached, *run)))  # warm cache: reads it
+        uncached, cached = _pooled(rounds[False]), _pooled(rounds[True])
+        cached["device"] = build["device"]
+        spread = "median of {n} iterations (quartiles {q1:.3f}-{q3:.3f})"
         rows += [
-            {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"]},
-            {"measure": "cached s/iter", "value": cached["s_per_iter"], "peak_mb": cached["peak_mb"]},
+            {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"],
+             "note": spread.format(**uncached)},
+            {"measure": "cached s/iter", "value": cached["s_per_iter"], "peak_mb": cached["peak_mb"],
+             "note": spread.format(**cached)},
             {"measure": "cache build s", "value": build["cache_build_s"], "peak_mb": build["peak_mb"],
              "note": f"{build['windows']} windows"},
             {"measure": "cache read (prepare) s", "value": cached["prepare_s"], "peak_mb": cached["peak_mb"]},
         ]
         ratio_iter = uncached["s_per_iter"] / cached["s_per_iter"]
         print(f"device {cached['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, VLM {args.vlm}")
-        print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB")
-        print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB")
+        print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB  "
+              f"[{spread.format(**uncached)}]")
+        print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB  "
+              f"[{spread.format(**cached)}]")
         print(f"    ratio     {ratio_iter:.1f}x faster per iteration")
         print(f"(c) cache build {build['cache_build_s']:.1f} s for {build['windows']} windows "
               f"(= {build['cache_build_s'] / uncached['s_per_iter']:.0f} uncached iterations); "
