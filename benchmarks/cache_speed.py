@@ -31,7 +31,6 @@ from timevlm.data.windows import make_loader
 OUT = Path(__file__).resolve().parent / "results"
 
 
-
 def _exp(cache_dir: str, use_cache: bool, max_windows: int | None, seq_len: int, vlm: str,
          vlm_path: str | None) -> ExperimentConfig:
     return ExperimentConfig(
@@ -136,7 +135,6 @@ def main() -> None:
             rounds[False].append(_in_child((cache, False, iters_uncached, *run)))
             rounds[True].append(_in_child((cache, True, iters_cached, *run)))  # warm cache: reads it
         uncached, cached = _pooled(rounds[False]), _pooled(rounds[True])
-        cached["device"] = build["device"]
         spread = "median of {n} iterations (quartiles {q1:.3f}-{q3:.3f})"
         rows += [
             {"measure": "uncached s/iter", "value": uncached["s_per_iter"], "peak_mb": uncached["peak_mb"],
@@ -148,7 +146,7 @@ def main() -> None:
             {"measure": "cache read (prepare) s", "value": cached["prepare_s"], "peak_mb": cached["peak_mb"]},
         ]
         ratio_iter = uncached["s_per_iter"] / cached["s_per_iter"]
-        print(f"device {cached['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, VLM {args.vlm}")
+        print(f"device {build['device']}; ETTh1 seq_len {L} pred_len 96 batch 32, VLM {args.vlm}")
         print(f"(a) uncached  {uncached['s_per_iter']:.4f} s/iter  peak {uncached['peak_mb']:.0f} MB  "
               f"[{spread.format(**uncached)}]")
         print(f"(b) cached    {cached['s_per_iter']:.4f} s/iter  peak {cached['peak_mb']:.0f} MB  "

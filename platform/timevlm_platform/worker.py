@@ -37,15 +37,19 @@ def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
     return split.subset(rows), feats.subset(rows) if feats is not None else None
 
 
+def _divergence_in(d: str) -> str | None:
+    """The failure text of a checkpoint directory holding the divergence marker, else None."""
+    marker = Path(d) / DIVERGED_FILE
+    return json.loads(marker.read_text())["failure"] if marker.exists() else None
+
+
 def _load_resume() -> TrainState | str | None:
     """The state to resume from, or the failure text if the run already diverged, or None."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        if (Path(d) / DIVERGED_FILE).exists():
-            return json.loads((Path(d) / DIVERGED_FILE).read_text())["failure"]
-        return TrainState.from_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+        return _divergence_in(d) or TrainState.from_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
 
 
 def diverged_reason(checkpoint: ray.train.Checkpoint | None) -> str | None:
@@ -53,8 +57,7 @@ def diverged_reason(checkpoint: ray.train.Checkpoint | None) -> str | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        marker = Path(d) / DIVERGED_FILE
-        return json.loads(marker.read_text())["failure"] if marker.exists() else None
+        return _divergence_in(d)
 
 
 def _report_divergence(rank: int, last: dict, reason: str) -> None:

@@ -96,10 +96,10 @@ def m4_splits(name: str, seq_len: int, pred_len: int, cfg: DataConfig) -> dict:
     for split, (vals, sts, meta) in parts.items():
         values = np.concatenate(vals).astype(np.float32)[:, None]
         starts = np.concatenate(sts)
-        keep = _subsample(np.arange(len(starts)), cfg.max_windows)
-        m = np.array(meta)[keep]
-        out[split] = SplitData(spec.name, split, values, starts[keep], seq_len, pred_len, Scaler(np.zeros(1), np.ones(1)),
-                               spec.description, series=m[:, 0].astype(int), series_mean=m[:, 1], series_std=m[:, 2])
+        m = np.array(meta)
+        full = SplitData(spec.name, split, values, starts, seq_len, pred_len, Scaler(np.zeros(1), np.ones(1)),
+                         spec.description, series=m[:, 0].astype(int), series_mean=m[:, 1], series_std=m[:, 2])
+        out[split] = full.subset(_subsample(np.arange(len(starts)), cfg.max_windows))
     return out
 
 

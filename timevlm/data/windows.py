@@ -85,7 +85,7 @@ class SplitData:
         """The same split restricted to some windows (per-window M4 fields follow their windows)."""
         pick = (lambda a: None if a is None else a[rows])
         return replace(self, starts=self.starts[rows], series=pick(self.series),
-                                   series_mean=pick(self.series_mean), series_std=pick(self.series_std))
+                       series_mean=pick(self.series_mean), series_std=pick(self.series_std))
 
     def inputs(self, idx: np.ndarray) -> torch.Tensor:
         """Batch of input windows [len(idx), seq_len, n_vars] for the given window indices."""
