@@ -6,8 +6,8 @@ from timevlm.errors import ConfigError
 
 def test_paper_defaults():
     c = ModelConfig()
-    assert (c.seq_len, c.d_model, c.d_fusion, c.norm_const, c.patch_len, c.stride, c.padding, c.num_queries,
-            c.n_heads, c.image_size, c.dropout) == (512, 128, 256, 0.4, 16, 8, 8, 8, 4, 64, 0.1)
+    assert (c.seq_len, c.d_model, c.d_fusion, c.norm_const, c.patch_len, c.stride, c.padding,
+            c.n_heads, c.image_size, c.dropout) == (512, 128, 256, 0.4, 16, 8, 8, 4, 64, 0.1)
     t = TrainConfig()
     assert (t.batch_size, t.lr, t.epochs, t.patience) == (32, 1e-3, 10, 3)
     assert c.num_patches == (512 + 8 - 16) // 8 + 1

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from timevlm.config import ModelConfig
 from timevlm.model import build_model
-from timevlm.model.fusion import GatedFusion
+from timevlm.model.fusion import MultimodalResidual
 from timevlm.model.ral import RAL, MemoryBank, PatchEmbedding
 from timevlm.model.tal import build_prompts, window_statistics
 from timevlm.model.val import fft_lowpass, multi_scale, periodic_fold, series_to_image
@@ -26,12 +26,22 @@ def feats(b=B, seed=0):
     return {"vision": torch.randn(b, CFG.vision_tokens, VDIM, generator=g), "text": torch.randn(b, 1, TDIM, generator=g)}
 
 
+def opened(model):
+    """A Time-VLM whose multimodal correction is no longer zero (as after training): the correction head
+    starts at zero by design, so an untrained model forecasts exactly what its temporal branch does."""
+    if getattr(model, "multimodal", None) is not None:
+        torch.nn.init.normal_(model.multimodal.correction[-1].weight, std=0.2)
+    return model
+
+
 def test_module_shapes_on_zero_inputs():
     x = torch.zeros(B, L, N)
     assert PatchEmbedding(CFG)(x[..., 0]).shape == (B, CFG.num_patches, 32)
-    assert RAL(CFG)(x).shape == (B, N, 64)
-    f = GatedFusion(CFG, VDIM, TDIM)(torch.zeros(B, N, 64), torch.zeros(B, 4, VDIM), torch.zeros(B, 1, TDIM), B)
-    assert f.shape == (B, N, 64) and f.dtype == torch.float32
+    forecast, summary = RAL(CFG)(x)  # the flatten head: every patch embedding -> pred_len, per variable
+    assert forecast.shape == (B, N, H) and summary.shape == (B, N, 32)
+    assert RAL(CFG).head[-1].in_features == CFG.num_patches * CFG.d_model
+    f = MultimodalResidual(CFG, VDIM, TDIM)(forecast, summary, torch.zeros(B, 4, VDIM), torch.zeros(B, 1, TDIM))
+    assert f.shape == (B, N, H) and f.dtype == torch.float32
     img = series_to_image(x, 24, 64)
     assert img.shape == (B, 3, 64, 64) and img.dtype == torch.float32 and torch.isfinite(img).all()
     model = build_model(CFG)
@@ -40,7 +50,7 @@ def test_module_shapes_on_zero_inputs():
 
 
 def test_forward_backward_reaches_every_trainable_parameter():
-    model = build_model(CFG)
+    model = opened(build_model(CFG))
     model(torch.randn(B, L, N), feats()).pow(2).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -49,7 +59,7 @@ def test_forward_backward_reaches_every_trainable_parameter():
 @pytest.mark.parametrize("switch", ["use_ral", "use_val", "use_tal"])
 def test_each_ablation_switch_removes_its_branch(switch):
     torch.manual_seed(0)
-    full = build_model(CFG).eval()
+    full = opened(build_model(CFG)).eval()
     ablated = build_model(dataclasses.replace(CFG, **{switch: False})).eval()
     ablated.load_state_dict(full.state_dict(), strict=False)  # same weights for what both have
     x, f = torch.randn(B, L, N), feats()
@@ -59,27 +69,57 @@ def test_each_ablation_switch_removes_its_branch(switch):
     if switch == "use_val":
         f2 = {"vision": other["vision"], "text": f["text"]}
         assert torch.allclose(ablated(x, f), ablated(x, f2))
-        assert ablated.fusion.vision_proj is None
+        assert ablated.multimodal.vision_proj is None
     if switch == "use_tal":
         f2 = {"vision": f["vision"], "text": other["text"]}
         assert torch.allclose(ablated(x, f), ablated(x, f2))
-        assert ablated.fusion.text_proj is None
+        assert ablated.multimodal.text_proj is None
     if switch == "use_ral":
         assert ablated.ral is None
         assert not any(k.startswith("ral.") for k in ablated.state_dict())
 
 
+def test_without_val_and_tal_the_model_is_the_temporal_branch_alone():
+    model = build_model(dataclasses.replace(CFG, use_val=False, use_tal=False)).eval()
+    assert model.multimodal is None and not model.uses_features and model.residual_choices == ()
+    x = torch.randn(B, L, N)
+    mean, std = x.mean(1, keepdim=True), torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5) / CFG.norm_const
+    forecast, _ = model.ral((x - mean) / std)
+    torch.testing.assert_close(model(x), forecast.permute(0, 2, 1) * std + mean)
+
+
+def test_closed_gate_gives_exactly_the_temporal_forecast():
+    torch.manual_seed(0)
+    full = build_model(CFG).eval()
+    temporal_only = build_model(dataclasses.replace(CFG, use_val=False, use_tal=False)).eval()
+    temporal_only.load_state_dict(full.state_dict(), strict=False)
+    x, f = torch.randn(B, L, N), feats()
+    # untrained: the correction head starts at zero, so the branch starts closed
+    torch.testing.assert_close(full(x, f), temporal_only(x))
+    opened(full)
+    assert not torch.allclose(full(x, f), temporal_only(x), atol=1e-4)
+    full.set_residual_scale(0.0)  # closed by the validation choice
+    torch.testing.assert_close(full(x, f), temporal_only(x))
+    full.set_residual_scale(1.0)
+    with torch.no_grad():
+        full.multimodal.gate.bias.fill_(-1e4)  # closed by the gate itself
+    torch.testing.assert_close(full(x, f), temporal_only(x))
+    assert "multimodal.scale" in full.state_dict()  # the validation choice travels with the weights
+
+
 def test_multimodal_features_change_the_forecast():
-    model = build_model(CFG).eval()
+    model = opened(build_model(CFG)).eval()
     x = torch.randn(B, L, N)
     assert not torch.allclose(model(x, feats(seed=0)), model(x, feats(seed=1)))
 
 
-def test_fusion_attention_differs_per_variable():
-    """Cross-attention is not over one repeated vector: different variables get different attended values."""
-    fusion = GatedFusion(CFG, VDIM, TDIM).eval()
+def test_multimodal_attention_differs_per_variable():
+    """Cross-attention is not over one repeated vector: different variables get different corrections."""
+    mm = MultimodalResidual(dataclasses.replace(CFG, use_ral=False), VDIM, TDIM).eval()
+    torch.nn.init.normal_(mm.correction[-1].weight, std=0.2)
     f = feats()
-    out = fusion(None, f["vision"], f["text"], B)
+    out = mm(None, None, f["vision"], f["text"])
+    assert out.shape == (B, N, H)
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 

@@ -29,10 +29,10 @@ class ModelConfig:
     patch_len: int = 16
     stride: int = 8
     padding: int = 8
-    num_queries: int = 8
     n_heads: int = 4
     memory_size: int = 32
     memory_momentum: float = 0.9
+    memory_gate: bool = False  # a learned sigmoid gate on what the memory retrieves (official: per setting)
     dropout: float = 0.1
     # VAL: series -> 3-channel image
     image_size: int = 64
@@ -48,6 +48,7 @@ class ModelConfig:
     vision_tokens: int = 4
     # fusion + predictor
     d_fusion: int = 256
+    mm_dropout: float = 0.3  # dropout on the projected VLM tokens and before the correction head
     norm_const: float = 0.4
     # ablations: each switch removes the branch from the forward pass
     use_ral: bool = True
@@ -59,7 +60,7 @@ class ModelConfig:
         _require(self.model in MODEL_KINDS, f"model must be one of {MODEL_KINDS}, got {self.model!r}")
         _require(self.vlm in VLM_VARIANTS, f"unknown VLM {self.vlm!r}; known: {', '.join(VLM_VARIANTS)}")
         for name in ("seq_len", "pred_len", "d_model", "patch_len", "stride",
-                     "num_queries", "n_heads", "memory_size", "image_size", "d_fusion", "vision_tokens",
+                     "n_heads", "memory_size", "image_size", "d_fusion", "vision_tokens",
                      "max_prompt_tokens", "top_k_freqs"):
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -75,7 +76,9 @@ class ModelConfig:
         _require(self.d_fusion % self.n_heads == 0,
                  f"d_fusion ({self.d_fusion}) must be divisible by n_heads ({self.n_heads})")
         _require(0.0 < float(self.norm_const) <= 10.0, f"norm_const must be in (0, 10], got {self.norm_const}")
-        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "mm_dropout"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v}")
         _require(0.0 <= self.memory_momentum < 1.0, "memory_momentum must be in [0, 1)")
         _require(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         _require(self.use_ral or self.use_val or self.use_tal,

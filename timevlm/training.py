@@ -80,9 +80,10 @@ class EpochMetrics:
     lr: float
     seconds: float
     best_val_mse: float
+    residual_scale: float | None = None  # Time-VLM: the multimodal residual's scale chosen on validation
 
     def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -141,6 +142,32 @@ def evaluate(model: nn.Module, split: SplitData, feats: SplitFeatures | None = N
     return {"mse": mse(pred, true), "mae": mae(pred, true)}
 
 
+def validate(model: nn.Module, val: SplitData, feats: SplitFeatures | None, batch_size: int,
+             device: torch.device, amp: bool) -> dict[str, float]:
+    """Validation MSE/MAE. A model with a gated multimodal residual (`residual_choices`, e.g. Time-VLM's
+    open/closed) is scored at each choice and left at the best one: the residual is kept only where it
+    lowers validation error, a selection on validation data like the choice of epoch. The choice is a
+    buffer, so it travels with the state_dict of the selected epoch."""
+    inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
+    choices = getattr(inner, "residual_choices", ())
+    if not choices:
+        return evaluate(model, val, feats, batch_size, device, amp)
+    scored = []
+    for scale in choices:
+        inner.set_residual_scale(scale)
+        scored.append((evaluate(model, val, feats, batch_size, device, amp), scale))
+    best, scale = min(scored, key=lambda s: s[0]["mse"])  # ties keep the first (open) choice
+    inner.set_residual_scale(scale)
+    return {**best, "residual_scale": scale}
+
+
+def _train_mode(model: nn.Module) -> None:
+    model.train()
+    inner = getattr(model, "module", model)
+    if getattr(inner, "residual_choices", ()):
+        inner.set_residual_scale(1.0)  # training always sees the residual as learned
+
+
 def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         train_feats: SplitFeatures | None = None, val_feats: SplitFeatures | None = None,
         on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
@@ -178,7 +205,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         lr = cfg.lr * _lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
         for g in opt.param_groups:
             g["lr"] = lr
-        model.train()
+        _train_mode(model)
         t0, total, count = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, disable=not cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (idx, x, y) in enumerate(bar):
@@ -195,7 +222,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
-        scores = evaluate(model, val, val_feats, max(cfg.batch_size, 256), device, amp)
+        scores = validate(model, val, val_feats, max(cfg.batch_size, 256), device, amp)
         improved = scores["mse"] < best_val
         if improved:
             best_val, best_epoch, bad = scores["mse"], epoch, 0
@@ -203,7 +230,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         else:
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
-                         val_mae=scores["mae"], lr=lr, seconds=time.perf_counter() - t0, best_val_mse=best_val)
+                         val_mae=scores["mae"], lr=lr, seconds=time.perf_counter() - t0, best_val_mse=best_val,
+                         residual_scale=scores.get("residual_scale"))
         history.append(m)
         if on_epoch_end is not None:
             state = TrainState(epoch + 1, model.state_dict(), opt.state_dict(), best_state, best_val, best_epoch,

@@ -1,4 +1,5 @@
-"""Retrieval-augmented learner: patch embedding, a patch memory bank and learnable queries."""
+"""Retrieval-augmented learner (the temporal branch): patch embedding, a global patch memory bank, local
+self-attention over the window's patches, and a direct forecast from all of them (a flatten head)."""
 from __future__ import annotations
 
 import torch
@@ -68,26 +69,33 @@ class MemoryBank(nn.Module):
 
 
 class RAL(nn.Module):
-    """[B, L, N] normalised series -> [B, N, d_fusion] temporal features, one per variable."""
+    """[B, L, N] normalised series -> (forecast [B, N, pred_len], summary [B, N, d_model]).
+
+    The forecast keeps full resolution: per variable, every patch embedding (after the global and local
+    memory) is flattened and one linear layer maps them to pred_len (a PatchTST-style flatten head, the
+    official code's "memory head"), so where in the window something happened still reaches the output.
+    The summary (mean over patches) is the variable's query into the multimodal tokens.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.d_model
         self.embed = PatchEmbedding(cfg)
         self.memory = MemoryBank(cfg)
+        self.memory_gate = nn.Linear(2 * d, d) if cfg.memory_gate else None
         self.local = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
                                                 batch_first=True, norm_first=True)
-        self.queries = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
-        self.cross = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(cfg.num_queries * d, cfg.d_fusion)
+        self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(cfg.dropout),
+                                  nn.Linear(cfg.num_patches * d, cfg.pred_len))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, l, n = x.shape
         h = self.embed(x.permute(0, 2, 1).reshape(b * n, l))
-        h = h + self.memory(h)  # global memory: retrieved prototypes
-        h = self.local(h)  # local memory: self-attention over this window's patches
-        q = self.queries.unsqueeze(0).expand(b * n, -1, -1)
-        z, _ = self.cross(q, h, h)
-        z = self.norm(z + q)
-        return self.head(z.reshape(b, n, -1))
+        retrieved = self.memory(h)  # global memory: retrieved prototypes
+        if self.memory_gate is not None:
+            retrieved = torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
+        h = h + retrieved
+        h = self.norm(self.local(h))  # local memory: self-attention over this window's patches
+        forecast = self.head(h).reshape(b, n, -1)
+        return forecast, h.mean(1).reshape(b, n, -1)

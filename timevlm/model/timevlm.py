@@ -1,12 +1,12 @@
-"""Time-VLM: instance normalisation (scaled by norm_const), RAL, frozen multimodal features, gated fusion,
-linear predictor per variable, de-normalisation."""
+"""Time-VLM: instance normalisation (scaled by norm_const), a temporal forecast from the RAL, a gated
+multimodal residual from the frozen VLM's features (VAL images, TAL prompts), de-normalisation."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from timevlm.config import ModelConfig
-from timevlm.model.fusion import GatedFusion
+from timevlm.model.fusion import MultimodalResidual
 from timevlm.model.multimodal import Features, MultimodalEncoder
 from timevlm.model.ral import RAL
 from timevlm.model.vlm.base import feature_dims
@@ -26,9 +26,7 @@ class TimeVLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ral = RAL(cfg) if cfg.use_ral else None
-        self.fusion = GatedFusion(cfg, vision_dim, text_dim)
-        self.head = nn.Sequential(nn.LayerNorm(cfg.d_fusion), nn.Dropout(cfg.dropout),
-                                  nn.Linear(cfg.d_fusion, cfg.pred_len))
+        self.multimodal = MultimodalResidual(cfg, vision_dim, text_dim) if cfg.use_val or cfg.use_tal else None
         self._encoder: MultimodalEncoder | None = None
 
     def attach_encoder(self, encoder: MultimodalEncoder | None) -> "TimeVLM":
@@ -37,10 +35,21 @@ class TimeVLM(nn.Module):
 
     @property
     def uses_features(self) -> bool:
-        return self.fusion.uses_multimodal
+        return self.multimodal is not None
+
+    @property
+    def residual_choices(self) -> tuple[float, ...]:
+        """Scales of the multimodal residual that validation chooses between (see training.fit)."""
+        return (1.0, 0.0) if self.multimodal is not None and self.ral is not None else ()
+
+    def set_residual_scale(self, scale: float) -> None:
+        self.multimodal.scale.fill_(scale)
+
+    @property
+    def residual_scale(self) -> float | None:
+        return float(self.multimodal.scale) if self.residual_choices else None
 
     def forward(self, x: torch.Tensor, features: Features | None = None) -> torch.Tensor:
-        b = x.shape[0]
         mean = x.mean(1, keepdim=True).detach()
         std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach() / self.cfg.norm_const
         xn = (x - mean) / std
@@ -50,10 +59,9 @@ class TimeVLM(nn.Module):
             features = self._encoder(x)
         vision = features["vision"].to(x.device, x.dtype) if features and self.cfg.use_val else None
         text = features["text"].to(x.device, x.dtype) if features and self.cfg.use_tal else None
-        temporal = self.ral(xn) if self.ral is not None else None
-        fused = self.fusion(temporal, vision, text, b)
-        y = self.head(fused).permute(0, 2, 1)  # [B, pred_len, N]
-        return y * std + mean
+        temporal, summary = self.ral(xn) if self.ral is not None else (None, None)
+        y = temporal if self.multimodal is None else self.multimodal(temporal, summary, vision, text)
+        return y.permute(0, 2, 1) * std + mean  # [B, pred_len, N]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
