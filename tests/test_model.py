@@ -40,6 +40,9 @@ def test_module_shapes_on_zero_inputs():
     forecast, summary = RAL(CFG)(x)  # the flatten head: every patch embedding -> pred_len, per variable
     assert forecast.shape == (B, N, H) and summary.shape == (B, N, 32)
     assert RAL(CFG).head[-1].in_features == CFG.num_patches * CFG.d_model
+    narrow = RAL(dataclasses.replace(CFG, head_dim=8, ral_out_norm=False, memory_gate=True))
+    assert narrow.head[-1].in_features == CFG.num_patches * 8  # the head no longer grows with d_model
+    assert narrow(x)[0].shape == (B, N, H) and isinstance(narrow.norm, torch.nn.Identity)
     f = MultimodalResidual(CFG, VDIM, TDIM)(forecast, summary, torch.zeros(B, 4, VDIM), torch.zeros(B, 1, TDIM))
     assert f.shape == (B, N, H) and f.dtype == torch.float32
     img = series_to_image(x, 24, 64)

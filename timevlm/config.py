@@ -32,6 +32,8 @@ class ModelConfig:
     n_heads: int = 4
     memory_size: int = 32
     memory_momentum: float = 0.9
+    ral_out_norm: bool = True  # a LayerNorm on every patch embedding before the flatten head
+    head_dim: int | None = None  # None: flatten d_model per patch; else project each patch to head_dim first
     memory_gate: bool = False  # a learned sigmoid gate on what the memory retrieves (official: per setting)
     dropout: float = 0.1
     # VAL: series -> 3-channel image
@@ -65,7 +67,7 @@ class ModelConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                      f"{name} must be a positive integer, got {v!r}")
-        for name in ("n_vars", "periodicity"):
+        for name in ("n_vars", "periodicity", "head_dim"):
             v = getattr(self, name)
             _require(v is None or (isinstance(v, int) and v > 0), f"{name} must be a positive integer, got {v!r}")
         _require(self.padding >= 0, f"padding must be >= 0, got {self.padding}")

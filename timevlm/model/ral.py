@@ -85,9 +85,10 @@ class RAL(nn.Module):
         self.memory_gate = nn.Linear(2 * d, d) if cfg.memory_gate else None
         self.local = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
                                                 batch_first=True, norm_first=True)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(cfg.dropout),
-                                  nn.Linear(cfg.num_patches * d, cfg.pred_len))
+        self.norm = nn.LayerNorm(d) if cfg.ral_out_norm else nn.Identity()
+        per_patch = cfg.head_dim or d  # a narrower per-patch projection keeps the head small at long inputs
+        self.head = nn.Sequential(nn.Linear(d, per_patch) if cfg.head_dim else nn.Identity(), nn.Flatten(1),
+                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.num_patches * per_patch, cfg.pred_len))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, l, n = x.shape

@@ -1,0 +1,288 @@
+"""Accuracy runs for the fidelity question (does Time-VLM beat its baselines?) without Ray.
+
+Each run is the library's own `run_experiment` (the same splits, fit, validation-only selection and test
+metrics a Tune trial runs), one process per run, `--parallel` at a time; the VLM features each run needs
+are built first, once per distinct cache key. Rows are appended to `<out>/runs.csv` as runs finish, so a
+cut-off session keeps what finished. `--quick` shrinks every run (128 windows per split, 1 epoch) to
+check a plan end to end on a laptop.
+
+    python benchmarks/fidelity.py --plan issue10 --out reports/fidelity --parallel 12
+    python benchmarks/fidelity.py --plan issue10 --quick --match '^ETTh1-96' --out /tmp/f
+    python benchmarks/fidelity.py summarize reports/fidelity/*.csv     # markdown tables, sorted by validation
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import copy
+import csv
+import multiprocessing as mp
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEEDS = (2021, 2022)
+ABLATIONS = {"w/o RAL": {"use_ral": False}, "w/o VAL": {"use_val": False}, "w/o TAL": {"use_tal": False},
+             "RAL only": {"use_val": False, "use_tal": False}}
+FIELDS = ["setting", "dataset", "seq_len", "pred_len", "variant", "seed", "test_mse", "test_mae", "best_val_mse",
+          "best_epoch", "epochs_run", "residual_scale", "seconds_per_epoch", "params_trainable", "wall_s", "device",
+          "error"]
+
+
+@dataclass
+class Run:
+    dataset: str
+    seq_len: int
+    pred_len: int
+    variant: str
+    seed: int
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> str:
+        return f"{self.dataset}-{self.seq_len}-{self.pred_len}"
+
+    def experiment(self, quick: bool, device: str) -> dict[str, dict[str, Any]]:
+        cfg = copy.deepcopy(self.config)
+        cfg.setdefault("model", {}).update(seq_len=self.seq_len, pred_len=self.pred_len)
+        cfg.setdefault("data", {})["dataset"] = self.dataset
+        cfg.setdefault("train", {}).update(seed=self.seed, device=device, num_threads=1, progress=False)
+        if quick:
+            cfg["data"]["max_windows"] = 128
+            cfg["train"]["epochs"] = 1
+        return cfg
+
+
+def _model(kind: str, **kw: Any) -> dict[str, dict[str, Any]]:
+    return {"model": {"model": kind, **kw}}
+
+
+def plan_issue10() -> list[Run]:
+    """The runs the fidelity issue asks for, at the paper's budget (10 epochs, patience 3)."""
+    runs: list[Run] = []
+
+    def add(dataset, seq_len, variant, cfg, seeds=SEEDS):
+        runs.extend(Run(dataset, seq_len, 96, variant, s, cfg) for s in seeds)
+
+    from timevlm.presets import preset_overrides
+
+    for seq_len, seeds in ((512, SEEDS), (96, SEEDS)):
+        add("ETTh1", seq_len, "DLinear", _model("dlinear"), seeds)
+        add("ETTh1", seq_len, "Time-VLM", _model("timevlm"), seeds)
+        for name, switch in ABLATIONS.items():
+            if seq_len == 96 or name == "RAL only":  # the ablation at 96; at 512 only what the branch adds
+                add("ETTh1", seq_len, f"Time-VLM {name}", _model("timevlm", **switch), seeds)
+    # PatchTST at our defaults (d_model 128) and at its published ETTh1 settings (d_model 16, dropout 0.3)
+    add("ETTh1", 512, "PatchTST", _model("patchtst"))
+    add("ETTh1", 512, "PatchTST (published)", _model("patchtst", d_model=16, dropout=0.3))
+    official = preset_overrides("official", "ETTh1", 96)
+    official["model"]["model"] = "timevlm"
+    add("ETTh1", 512, "Time-VLM (official preset)", official)
+    add("ETTm1", 96, "DLinear", _model("dlinear"), SEEDS[:1])
+    add("ETTm1", 96, "Time-VLM", _model("timevlm"), SEEDS[:1])
+    add("ETTm1", 96, "Time-VLM RAL only", _model("timevlm", **ABLATIONS["RAL only"]), SEEDS[:1])
+    # a held-out set nobody tuned on
+    add("ETTh2", 96, "DLinear", _model("dlinear"), SEEDS[:1])
+    add("ETTh2", 96, "Time-VLM", _model("timevlm"), SEEDS[:1])
+    add("ETTh2", 96, "Time-VLM RAL only", _model("timevlm", **ABLATIONS["RAL only"]), SEEDS[:1])
+    return runs
+
+
+# Candidate regularisations of Time-VLM, compared on validation (never test) at both input lengths
+CANDIDATES = {
+    "defaults": {},
+    "dropout 0.3": {"dropout": 0.3},
+    "d_model 32, dropout 0.3": {"d_model": 32, "dropout": 0.3},
+    "d_model 16, dropout 0.3": {"d_model": 16, "dropout": 0.3},
+    "head_dim 16, dropout 0.3": {"head_dim": 16, "dropout": 0.3},
+    "d_model 32, dropout 0.3, lr 3e-4": {"d_model": 32, "dropout": 0.3, "lr": 3e-4},
+}
+
+
+def plan_sweep() -> list[Run]:
+    """Each candidate: full model on ETTh1 at 512 and 96 (2 seeds) and ETTm1 96 (1 seed); its ablation at
+    ETTh1 96 and its temporal branch alone at ETTh1 512, so the selected one comes with its ablation."""
+    runs: list[Run] = []
+    for name, kw in CANDIDATES.items():
+        model = {k: v for k, v in kw.items() if k != "lr"}
+        train = {"lr": kw["lr"]} if "lr" in kw else {}
+
+        def cfg(**switch):
+            return {"model": {"model": "timevlm", **model, **switch}, "train": dict(train)}
+
+        for seq_len in (512, 96):
+            runs += [Run("ETTh1", seq_len, 96, f"Time-VLM [{name}]", s, cfg()) for s in SEEDS]
+        runs.append(Run("ETTm1", 96, 96, f"Time-VLM [{name}]", SEEDS[0], cfg()))
+        for abl, switch in ABLATIONS.items():
+            runs += [Run("ETTh1", 96, 96, f"Time-VLM {abl} [{name}]", s, cfg(**switch)) for s in SEEDS]
+        runs += [Run("ETTh1", 512, 96, f"Time-VLM RAL only [{name}]", s, cfg(**ABLATIONS["RAL only"]))
+                 for s in SEEDS]
+    return runs
+
+
+NO_NORM = {
+    "no out-norm": {"ral_out_norm": False},
+    "no out-norm, head_dim 16, dropout 0.3": {"ral_out_norm": False, "head_dim": 16, "dropout": 0.3},
+    "no out-norm, d_model 32, dropout 0.3": {"ral_out_norm": False, "d_model": 32, "dropout": 0.3},
+    "no out-norm, d_model 16, dropout 0.3": {"ral_out_norm": False, "d_model": 16, "dropout": 0.3},
+    "no out-norm, official preset": {"ral_out_norm": False, "preset": "official"},
+}
+
+
+def plan_sweep_no_norm() -> list[Run]:
+    """Without the LayerNorm on the patch embeddings before the flatten head (it removes each patch's level
+    and scale, which a linear forecast needs): the full model and its temporal branch alone at ETTh1 512,
+    the full model at ETTh1 96 (2 seeds) and ETTh2 96 (1 seed)."""
+    from timevlm.presets import preset_overrides
+
+    runs: list[Run] = []
+    for name, kw in NO_NORM.items():
+        kw = dict(kw)
+        base = preset_overrides(kw.pop("preset"), "ETTh1", 96) if "preset" in kw else {"model": {}}
+
+        def cfg(**switch):
+            return {**base, "model": {**base["model"], "model": "timevlm", **kw, **switch}}
+
+        runs += [Run("ETTh1", 512, 96, f"Time-VLM [{name}]", s, cfg()) for s in SEEDS]
+        runs += [Run("ETTh1", 512, 96, f"Time-VLM RAL only [{name}]", s, cfg(**ABLATIONS["RAL only"]))
+                 for s in SEEDS]
+        if "preset" not in name:
+            runs += [Run("ETTh1", 96, 96, f"Time-VLM [{name}]", s, cfg()) for s in SEEDS]
+            runs.append(Run("ETTh2", 96, 96, f"Time-VLM [{name}]", SEEDS[0], cfg()))
+    return runs
+
+
+PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm}
+
+
+def _prebuild(cfg: dict) -> str:
+    """Build (or find) every split's VLM features for one config; returns a one-line summary."""
+    from timevlm.config import ExperimentConfig
+    from timevlm.experiment import prepare
+
+    exp = ExperimentConfig.from_dict(cfg)
+    t0 = time.perf_counter()
+    p = prepare(exp, progress=False)
+    return (f"{exp.data.dataset} L{exp.model.seq_len} img{exp.model.image_size}: "
+            f"{p.cache_info.get('cache_builds', 0)} built in {time.perf_counter() - t0:.0f}s")
+
+
+def _train(run: Run, cfg: dict) -> dict[str, Any]:
+    import torch
+
+    from timevlm.config import ExperimentConfig
+    from timevlm.experiment import run_experiment
+
+    row: dict[str, Any] = {"setting": run.setting, "dataset": run.dataset, "seq_len": run.seq_len,
+                           "pred_len": run.pred_len, "variant": run.variant, "seed": run.seed}
+    t0 = time.perf_counter()
+    try:
+        out = run_experiment(ExperimentConfig.from_dict(cfg))
+        row.update({k: out.get(k) for k in FIELDS if k in out})
+        row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception as e:  # a failed run is a row that says why, never a silent gap
+        row["error"] = f"{type(e).__name__}: {e}"
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _feature_configs(runs: list[Run], cfgs: list[dict]) -> list[dict]:
+    from timevlm.config import ExperimentConfig
+    from timevlm.experiment import resolve_model_config
+    from timevlm.model.multimodal import encoder_settings
+
+    seen, out = set(), []
+    for run, cfg in zip(runs, cfgs):
+        exp = ExperimentConfig.from_dict(cfg)
+        if exp.model.model != "timevlm":
+            continue
+        full = ExperimentConfig.from_dict({**cfg, "model": {**cfg["model"], "use_val": True, "use_tal": True,
+                                                            "use_ral": True}})
+        key = (run.dataset, str(encoder_settings(resolve_model_config(full.model, run.dataset))), str(cfg["data"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(full.to_dict())
+    return out
+
+
+def summarize(paths: list[str]) -> str:
+    """Markdown: per setting, every variant's mean +- std over seeds, sorted by validation MSE (the selector)."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    failed = df[df["error"].notna()]
+    df = df[df["error"].isna()]
+    agg = df.groupby(["setting", "variant"]).agg(
+        n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
+        test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
+        best_epoch=("best_epoch", "mean"), residual_open=("residual_scale", "mean"),
+        params=("params_trainable", "mean")).reset_index()
+    out = []
+    for setting, g in agg.groupby("setting", sort=False):
+        out += [f"### {setting}", "", g.drop(columns="setting").sort_values("val_mse").to_markdown(
+            index=False, floatfmt=(".0f", ".0f", ".4f", ".4f", ".4f", ".4f", ".4f", ".1f", ".2f", ",.0f"),
+            missingval=""), ""]
+    if len(failed):
+        out += [f"{len(failed)} run(s) failed: " + "; ".join(f"{r.setting} {r.variant} {r.seed}: {r.error}"
+                                                          for r in failed.itertuples())]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    if argv is None and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "summarize":
+        print(summarize(__import__("sys").argv[2:]))
+        return Path(".")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", choices=sorted(PLANS), default="issue10")
+    ap.add_argument("--out", default="reports/fidelity")
+    ap.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="128 windows per split, 1 epoch: a plumbing check")
+    ap.add_argument("--seeds", type=int, nargs="*", help="keep only these seeds")
+    ap.add_argument("--epochs", type=int, help="override every run's epochs (a reduced budget, say so)")
+    ap.add_argument("--match", default="", help="regex: keep runs whose '<setting> <variant>' it matches")
+    args = ap.parse_args(argv)
+
+    runs = [r for r in PLANS[args.plan]() if re.search(args.match, f"{r.setting} {r.variant}")]
+    runs = [r for r in runs if not args.seeds or r.seed in args.seeds]
+    cfgs = [r.experiment(args.quick, args.device) for r in runs]
+    for c in cfgs:
+        if args.epochs:
+            c["train"]["epochs"] = args.epochs
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "runs.csv"
+    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    feature_cfgs = _feature_configs(runs, cfgs)
+    print(f"{len(runs)} runs; building features for {len(feature_cfgs)} settings", flush=True)
+    with cf.ProcessPoolExecutor(min(len(feature_cfgs), args.parallel) or 1, mp_context=ctx) as pool:
+        for line in pool.map(_prebuild, feature_cfgs):
+            print(f"  features {line}", flush=True)
+    print(f"features ready after {time.perf_counter() - t0:.0f}s", flush=True)
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f, cf.ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        # longest first (seq_len 512, Time-VLM, larger sets), so the pool does not end on one straggler
+        order = sorted(range(len(runs)), key=lambda i: (-runs[i].seq_len, runs[i].dataset != "ETTm1",
+                                                         "Time-VLM" not in runs[i].variant))
+        futures = {pool.submit(_train, runs[i], cfgs[i]): runs[i] for i in order}
+        for done, fut in enumerate(cf.as_completed(futures), 1):
+            row = fut.result()
+            writer.writerow(row)
+            f.flush()
+            status = row.get("error") or (f"test MSE {row['test_mse']:.4f} MAE {row['test_mae']:.4f} "
+                                          f"(val {row['best_val_mse']:.4f}, epoch {row['best_epoch']})")
+            print(f"[{done}/{len(runs)} {time.perf_counter() - t0:.0f}s] {row['setting']} {row['variant']} "
+                  f"seed {row['seed']}: {status}", flush=True)
+    print(f"all runs done after {time.perf_counter() - t0:.0f}s -> {csv_path}", flush=True)
+    return csv_path
+
+
+if __name__ == "__main__":
+    main()
