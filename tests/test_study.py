@@ -111,3 +111,39 @@ def test_reduced_budget_copy_is_its_own_study():
         base.with_overrides(settings=["model.dmodel=64"])
     with pytest.raises(ConfigError, match="budget: trials and epochs must be >= 1"):
         base.with_overrides(epochs=0)
+
+
+def test_variants_and_presets_resolve_per_cell():
+    spec = load_study("long_term")
+    assert param_space(spec)["variant"] == tune.grid_search(["ours", "official"])
+    official = spec.experiment("ETTh1", 336, {"variant": "official"})
+    # the official script's ETTh1-336 settings, laid over the study's fixed d_model 128
+    assert (official.model.d_model, official.model.dropout, official.model.memory_gate) == (64, 0.1, True)
+    assert (official.model.image_size, official.train.epochs, official.model.seq_len) == (56, 15, 512)
+    assert spec.experiment("ETTm2", 720, {"variant": "official"}).model.d_model == 32
+    ours = spec.experiment("ETTh1", 336, {"variant": "ours"})
+    assert (ours.model.d_model, ours.model.image_size, ours.train.epochs) == (128, 64, 10)
+    # a reduced budget and a smoke run win over the preset's 15 epochs and seq_len 512
+    assert spec.with_overrides(epochs=2).experiment("ETTh1", 96, {"variant": "official"}).train.epochs == 2
+    smoke = spec.with_smoke().experiment("ETTh1", 96, {"variant": "official"})
+    assert (smoke.train.epochs, smoke.model.seq_len, smoke.data.max_windows) == (1, 96, 128)
+    ablation = load_study("ablation")
+    assert ablation.searched_keys == ["variant"] and list(ablation.variants)[0] == "full"
+    switches = {v: ablation.experiment("ETTh1", 96, {"variant": v}).model for v in ablation.variants}
+    assert [(m.use_ral, m.use_val, m.use_tal) for m in switches.values()] == [
+        (True, True, True), (False, True, True), (True, False, True), (True, True, False)]
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official"),
+    (lambda d: d.update(variants={"a": {"model.d_modle": 1}}), "variants.a.model.d_modle: not a setting"),
+    (lambda d: d.update(variants={"a": {"preset": "x"}}), "variants.a.preset: unknown preset 'x'"),
+    (lambda d: d.update(variants={"a": 3}), "variants.a: must map section.key"),
+    (lambda d: d.update(variants={"a": {"preset": "official"}}, datasets=["Weather"], horizons=[720]),
+     "preset 'official' has no setting for Weather at horizon 720"),
+])
+def test_bad_variants_and_presets_are_named(mutate, msg):
+    d = {"name": "v", "fixed": {"model": {"seq_len": 96}}, "searcher": "grid"}
+    mutate(d)
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        parse_study(d)

@@ -93,7 +93,7 @@ def _print_summary(spec, out) -> None:
         print("\n== trials ==")
         print(out["table"].to_string(index=False))
     for label, best in out["best"].items():
-        params = {p.key: _plain(best[p.key.split(".", 1)[1]]) for p in spec.search}
+        params = {key: _plain(best[key.split(".", 1)[-1]]) for key in spec.searched_keys}
         print(f"\n== best on {label} (by validation {spec.metric}) ==\n"
               f"  trial {best['trial']}: {spec.metric} {best[spec.metric]:.4f}, test MSE {best['test_mse']:.4f}, "
               f"test MAE {best['test_mae']:.4f}\n  config: {params}")

@@ -93,7 +93,7 @@ def trials_table(results: tune.ResultGrid, spec: StudySpec) -> pd.DataFrame:
         m = r.metrics or {}
         status = "ERROR" if r.error else ("DONE" if "test_mse" in m else "STOPPED")
         row = {"trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
-        row.update({p.key.split(".", 1)[1]: r.config.get(p.key) for p in spec.search})
+        row.update({key.split(".", 1)[-1]: r.config.get(key) for key in spec.searched_keys})
         if spec.seeds > 1:
             row["seed"] = r.config.get("train.seed")
         row.update({"epochs": m.get("epoch"), spec.metric: m.get(spec.metric),
@@ -203,7 +203,7 @@ def _tag_best(client, experiment_id, parent, spec, cell, best) -> None:
     run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: best["trial"]})
     prefix = f"best.{cell.label.replace('-', '.')}"
     tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
-    tags.update({f"{prefix}.{p.key}": best[p.key.split('.', 1)[1]] for p in spec.search})
+    tags.update({f"{prefix}.{key}": best[key.split('.', 1)[-1]] for key in spec.searched_keys})
     if run is not None:
         tags[f"{prefix}.run_id"] = run.info.run_id
         tracking.safe("tag best trial", lambda: tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"}))

@@ -9,7 +9,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from timevlm_platform.study import Param, StudySpec
+from timevlm_platform.study import VARIANT_KEY, Param, StudySpec
 
 
 def to_domain(p: Param) -> Any:
@@ -26,8 +26,11 @@ def to_domain(p: Param) -> Any:
 
 def param_space(spec: StudySpec) -> dict[str, Any]:
     """Flat {"model.d_model": domain, ...}; the trial's config carries these keys with sampled values.
-    `seeds: N` (grid studies) repeats every grid point over N seeds."""
+    `seeds: N` (grid studies) repeats every grid point over N seeds; `variants` become a `variant` parameter."""
     space = {p.key: to_domain(p) for p in spec.search}
+    if spec.variants:
+        names = list(spec.variants)
+        space[VARIANT_KEY] = tune.grid_search(names) if spec.searcher == "grid" else tune.choice(names)
     if spec.seeds > 1:
         space["train.seed"] = tune.grid_search([spec.seed + i for i in range(spec.seeds)])
     return space

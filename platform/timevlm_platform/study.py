@@ -20,7 +20,8 @@ DISTRIBUTIONS = {"choice": ("values",), "grid": ("values",), "uniform": ("low", 
                  "loguniform": ("low", "high"), "int": ("low", "high"), "quniform": ("low", "high", "q")}
 METRICS = ("best_val_mse", "best_val_mae")
 TOP_KEYS = {"name", "description", "datasets", "horizons", "fixed", "search", "searcher", "budget",
-            "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol"}
+            "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol", "preset", "variants"}
+VARIANT_KEY = "variant"  # the searched parameter that names one of a study's `variants`
 
 
 @dataclass
@@ -84,12 +85,28 @@ class StudySpec:
     smoke: dict[str, Any] = field(default_factory=dict)  # overrides applied by --smoke
     # {type: long_term} | {type: few_shot, percent: 5|10} | {type: zero_shot, pairs: [[source, target], ...]}
     protocol: dict[str, Any] = field(default_factory=lambda: {"type": "long_term"})
+    # a named preset (timevlm.presets) laid over `fixed` for every cell, e.g. the official script's settings
+    preset: str | None = None
+    # named variants, run as a grid over `variant`: {"w/o VAL": {"model.use_val": False}, "official": {"preset":
+    # "official"}}; each maps settings (section.key) and optionally a preset, applied per cell
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # settings applied after everything else: a reduced budget or --set from the command line wins over presets
+    forced: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
 
     def experiment(self, dataset: str, horizon: int, params: dict[str, Any],
                    test_dataset: str | None = None) -> ExperimentConfig:
-        """The ExperimentConfig of one trial: fixed settings, then the cell and protocol, then sampled params."""
+        """The ExperimentConfig of one trial: fixed settings, the study's preset, the cell and protocol, the
+        variant's preset and settings, the sampled params, then forced settings (reduced budgets)."""
+        from timevlm.presets import preset_overrides
+
         d: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self.fixed.items()}
+        params = dict(params)
+        variant = dict(self.variants[params.pop(VARIANT_KEY)]) if VARIANT_KEY in params else {}
+        for preset in (self.preset, variant.pop("preset", None)):
+            if preset:
+                for section, values in preset_overrides(preset, dataset, horizon).items():
+                    d.setdefault(section, {}).update(values)
         d.setdefault("data", {})["dataset"] = dataset
         if test_dataset:
             d["data"]["test_dataset"] = test_dataset
@@ -97,10 +114,17 @@ class StudySpec:
             d["data"]["percent"] = int(self.protocol.get("percent", 10))
         d.setdefault("model", {})["pred_len"] = horizon
         d.setdefault("train", {}).setdefault("epochs", self.epochs)
-        for key, value in params.items():
+        for key, value in {**variant, **params}.items():
             section, name = key.split(".", 1)
             d.setdefault(section, {})[name] = value
+        for section, values in self.forced.items():
+            d.setdefault(section, {}).update(values)
         return ExperimentConfig.from_dict(d)
+
+    @property
+    def searched_keys(self) -> list[str]:
+        """What varies between a cell's trials: the searched parameters, and `variant` when there are variants."""
+        return [p.key for p in self.search] + ([VARIANT_KEY] if self.variants else [])
 
     def cells(self) -> list[Cell]:
         if self.protocol.get("type") == "zero_shot":
@@ -118,12 +142,16 @@ class StudySpec:
         if self.protocol.get("type") == "zero_shot":
             s.protocol = {**self.protocol, "pairs": (self.protocol.get("pairs") or ZERO_SHOT_PAIRS)[:1]}
         s.horizons = list(sm.get("horizons", self.horizons[:1]))
+        s.forced = {k: dict(v) for k, v in self.forced.items()}
         for section, values in (sm.get("fixed") or {}).items():
             s.fixed.setdefault(section, {}).update(values)
+            s.forced.setdefault(section, {}).update(values)  # a smoke run's settings win over presets
         if "search" in sm:
             s.search = [_parse_param(k, v, f"{self.source or self.name} (smoke)") for k, v in sm["search"].items()]
         s.fixed.setdefault("data", {}).setdefault("max_windows", 256)
         s.fixed["train"] = {**s.fixed.get("train", {}), "epochs": s.epochs}
+        s.forced.setdefault("train", {})["epochs"] = s.epochs
+        s.forced.setdefault("data", {})["max_windows"] = s.fixed["data"]["max_windows"]
         s.validate()
         return s
 
@@ -137,12 +165,14 @@ class StudySpec:
         """
         from timevlm.train import apply_overrides
 
-        s = dataclasses.replace(self, fixed={k: dict(v) for k, v in self.fixed.items()})
+        s = dataclasses.replace(self, fixed={k: dict(v) for k, v in self.fixed.items()},
+                                forced={k: dict(v) for k, v in self.forced.items()})
         tags = []
         if epochs is not None:
             s.epochs, tags = int(epochs), tags + [f"epochs{epochs}"]
             if "epochs" in s.fixed.get("train", {}):
                 s.fixed["train"]["epochs"] = s.epochs
+            s.forced.setdefault("train", {})["epochs"] = s.epochs
         if seeds is not None:
             s.seeds, tags = int(seeds), tags + [f"seeds{seeds}"]
         if datasets:
@@ -153,6 +183,7 @@ class StudySpec:
                 if item.split("=", 1)[0] in searched:
                     raise ConfigError(f"--set {item}: {item.split('=', 1)[0]} is searched by study {self.name!r}")
             apply_overrides(s.fixed, settings)
+            apply_overrides(s.forced, settings)
             tags += [item.split(".", 1)[-1].replace("=", "") for item in settings]
         if not tags:
             return self
@@ -189,6 +220,24 @@ class StudySpec:
             section, _, name = p.key.partition(".")
             if section not in _SECTIONS or name not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
                 raise ConfigError(f"{where}: search.{p.key}: not a setting (use section.field, e.g. model.d_model)")
+        from timevlm.presets import PRESETS
+
+        for name, preset in [("preset", self.preset)] + [(f"variants.{v}.preset", s.get("preset"))
+                                                         for v, s in self.variants.items() if isinstance(s, dict)]:
+            if preset is not None and preset not in PRESETS:
+                raise ConfigError(f"{where}: {name}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        if not isinstance(self.variants, dict):
+            raise ConfigError(f"{where}: variants: must map variant names to settings")
+        for vname, settings in self.variants.items():
+            if not isinstance(settings, dict):
+                raise ConfigError(f"{where}: variants.{vname}: must map section.key to a value (or preset: NAME)")
+            for key in settings:
+                section, _, fname = key.partition(".")
+                if key != "preset" and (section not in _SECTIONS or
+                                        fname not in {f.name for f in dataclasses.fields(_SECTIONS[section])}):
+                    raise ConfigError(f"{where}: variants.{vname}.{key}: not a setting (use section.field or preset)")
+        if self.variants and any(p.key == VARIANT_KEY for p in self.search):
+            raise ConfigError(f"{where}: search.{VARIANT_KEY}: name variants under `variants`, not `search`")
         if self.searcher not in ("optuna", "grid"):
             raise ConfigError(f"{where}: searcher: {self.searcher!r} must be optuna or grid")
         if self.searcher == "grid" and any(p.kind != "grid" for p in self.search):
@@ -211,10 +260,13 @@ class StudySpec:
             if any(p.key == "train.seed" for p in self.search):
                 raise ConfigError(f"{where}: seeds: train.seed is also searched; use one or the other")
         for cell in self.cells():
-            try:
-                self.experiment(cell.dataset, cell.horizon, first, cell.test_dataset)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+            for variant in self.variants or [None]:
+                try:
+                    self.experiment(cell.dataset, cell.horizon,
+                                    {**first, **({VARIANT_KEY: variant} if variant else {})}, cell.test_dataset)
+                except ConfigError as e:
+                    label = f" (variant {variant!r})" if variant else ""
+                    raise ConfigError(f"{where}{label}: {e}") from None
 
 
 def _first_value(p: Param) -> Any:
@@ -277,7 +329,8 @@ def parse_study(data: dict[str, Any], source: str = "") -> StudySpec:
         resources=sub(Resources, "resources"), scheduler=sub(Scheduler, "scheduler"),
         metric=data.get("metric", "best_val_mse"), mode=data.get("mode", "min"),
         seed=int(data.get("seed", 2021)), seeds=int(data.get("seeds", 1)), smoke=data.get("smoke") or {},
-        protocol=data.get("protocol") or {"type": "long_term"}, source=source)
+        protocol=data.get("protocol") or {"type": "long_term"}, preset=data.get("preset"),
+        variants=data.get("variants") or {}, source=source)
     spec.validate()
     return spec
 
