@@ -66,3 +66,36 @@ def test_report_of_a_study_that_never_ran(tmp_path):
     spec = parse_study({"name": "ghost", "search": {}})
     with pytest.raises(ConfigError, match="no MLflow experiment 'timevlm-ghost'"):
         write_report(spec, f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path))
+
+
+def test_ablation_report_prints_change_against_full_and_the_paper_beside_ours(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    mses = {"full": (0.36, 0.38), "w/o VAL": (0.40, 0.40), "w/o TAL": (0.37, 0.37)}
+    rows = [({"data.dataset": "ETTh1", "model.pred_len": 96, "model.model": "timevlm", "train.seed": seed,
+              "searched.variant": variant, "searched.train.seed": seed},
+             {"best_val_mse": mse + 0.3, "test_mse": mse, "test_mae": mse + 0.05})
+            for variant, pair in mses.items() for seed, mse in zip((1, 2), pair)]
+    _study_runs(uri, "abl", rows)
+    spec = parse_study({"name": "abl", "searcher": "grid", "seeds": 2, "fixed": {"model": {"seq_len": 96}},
+                        "variants": {"full": {}, "w/o VAL": {"model.use_val": False},
+                                     "w/o TAL": {"model.use_tal": False}}})
+    dest = write_report(spec, uri, str(tmp_path / "reports"))
+    abl = pd.read_csv(dest / "ablation.csv").set_index("variant")
+    assert abl.loc["full", "mse_change_pct"] == 0
+    assert abl.loc["w/o VAL", "mse_change_pct"] == pytest.approx(100 * (0.40 - 0.37) / 0.37)
+    assert abl.loc["w/o VAL", "mae_change_pct"] == pytest.approx(100 * (0.45 - 0.42) / 0.42)
+    # full's seed spread (std 0.0141) is larger than w/o TAL's change (0.00) but not than w/o VAL's (0.03)
+    assert bool(abl.loc["w/o VAL", "beyond_seed_spread"]) and not bool(abl.loc["w/o TAL", "beyond_seed_spread"])
+    md = (dest / "report.md").read_text()
+    assert "Ablation (change against `full`" in md and "+8.1" in md
+    # the paper's ETTh1 96 figure (Table 5: 0.361) beside the full model's row, with our difference in %
+    assert "paper_mse" in md and "0.3610" in md and f"{100 * (0.37 - 0.361) / 0.361:+.1f}" in md
+
+
+def test_paper_results_are_checked_data():
+    from timevlm_platform.paper import paper_results
+
+    df = paper_results()
+    row = df[(df["dataset"] == "ETTh1") & (df["horizon"] == "96") & (df["model"] == "timevlm")]
+    assert row["value"].tolist() == [0.361] and row["table"].tolist() == ["Table 5"]
+    assert set(df["protocol"]) <= {"long_term", "few_shot", "zero_shot"}

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from timevlm.errors import ConfigError  # noqa: E402
 from timevlm_platform import tracking  # noqa: E402
-from timevlm_platform.study import StudySpec  # noqa: E402
+from timevlm_platform.paper import beside_paper  # noqa: E402
+from timevlm_platform.study import VARIANT_KEY, StudySpec  # noqa: E402
 
 METRICS = ("best_val_mse", "test_mse", "test_mae")
 M4_METRICS = ("test_smape", "test_mase", "test_owa")
@@ -101,12 +102,46 @@ def importances(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     return pd.Series(optuna.importance.get_param_importances(study)).rename("importance")
 
 
-_COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "n": ".0f"}
+def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The paper's Table 6 layout: each variant's MSE/MAE and its change in % against `reference` (the full
+    model) on the same dataset and horizon, and whether the change is larger than the seed spread (the larger
+    of the two variants' standard deviations over seeds; False when either has one seed)."""
+    rows = []
+    for (ds, h), g in summary.groupby(["dataset", "horizon"], sort=False):
+        g = g.set_index(VARIANT_KEY)
+        if reference not in g.index:
+            continue
+        ref = g.loc[reference]
+        for name, r in g.iterrows():
+            spread = max(r["test_mse_std"], ref["test_mse_std"])
+            rows.append({"dataset": ds, "horizon": h, VARIANT_KEY: name, "n": r["n"], "test_mse": r["test_mse"],
+                         "test_mae": r["test_mae"],
+                         "mse_change_pct": 100 * (r["test_mse"] - ref["test_mse"]) / ref["test_mse"],
+                         "mae_change_pct": 100 * (r["test_mae"] - ref["test_mae"]) / ref["test_mae"],
+                         "beyond_seed_spread": bool(pd.notna(spread) and abs(r["test_mse"] - ref["test_mse"]) > spread)})
+    return pd.DataFrame(rows)
+
+
+def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFrame:
+    """Published values and our difference in % beside each matching row (see timevlm_platform.paper)."""
+    t = table if "model.model" in table else table.assign(**{"model.model": model})
+    t = t.rename(columns={"model.model": "model"})
+    if VARIANT_KEY in t and spec.variants:  # the first variant is the model as published
+        t[VARIANT_KEY] = t[VARIANT_KEY].replace({next(iter(spec.variants)): "full"})
+    out = beside_paper(t, spec.protocol.get("type", "long_term"))
+    extra = [c for c in out.columns if c.startswith(("paper_", "delta_")) and out[c].notna().any()]
+    return table.assign(**{c: out[c] for c in extra})
+
+
+_COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "n": ".0f",
+                  "mse_change_pct": "+.1f", "mae_change_pct": "+.1f", "delta_mse_pct": "+.1f",
+                  "delta_mae_pct": "+.1f"}
 
 
 def _markdown(df: pd.DataFrame) -> str:
     """A markdown table with metrics at 4 decimals and counts, memory and seconds in readable units."""
-    return df.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns))
+    return df.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns),
+                          missingval="")
 
 
 def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
@@ -118,7 +153,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     parent, df = collect(client, experiment or f"timevlm-{spec.name}", spec.name)
     if df.empty:
         raise ConfigError(f"study {spec.name!r} has no trial runs yet")
-    keys = [p.key for p in spec.search if p.key != "train.seed" and p.key in df.columns]
+    keys = [k for k in spec.searched_keys if k != "train.seed" and k in df.columns]
     summary = summarize(df, keys)
     dest = Path(out) / spec.name
     dest.mkdir(parents=True, exist_ok=True)
@@ -126,13 +161,23 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     summary.to_csv(dest / "results.csv", index=False)
     lines = [f"# Study `{spec.name}`", "", spec.description, "",
              f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished); test metrics on the scaled "
-             "data, mean +- std over seeds (n); configurations selected on validation.", ""]
+             "data, mean +- std over seeds (n); configurations selected on validation. `paper_*`: the published "
+             "figure where one matches (protocol, dataset, horizon, model, variant), at the paper's own settings "
+             "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
     cols = ["dataset", "horizon", *keys, "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
             "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
-    lines += [_markdown(summary[[c for c in cols if c in summary]]), ""]
+    model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
+    lines += [_markdown(_with_paper(summary[[c for c in cols if c in summary]], spec, model)), ""]
     if len(summary["horizon"].unique()) > 1:
         avg = summary.groupby(["dataset", *keys])[["test_mse", "test_mae"]].mean().reset_index()
-        lines += ["## Averaged over horizons", "", _markdown(avg), ""]
+        lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
+                  ""]
+    if spec.variants and VARIANT_KEY in keys:
+        reference = next(iter(spec.variants))
+        ablation = ablation_table(summary, reference)
+        ablation.to_csv(dest / "ablation.csv", index=False)
+        lines += [f"## Ablation (change against `{reference}`, as in the paper's Table 6)", "",
+                  _markdown(ablation), ""]
     figures = []
     if len(keys) == 1:
         figures.append(sensitivity_plot(summary, keys[0], dest / f"sensitivity_{keys[0].split('.')[-1]}.png"))
@@ -153,7 +198,8 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
             plt.close(fig)
             lines += [f"![importances]({figures[-1].name})", ""]
     (dest / "report.md").write_text("\n".join(lines))
-    for f in [dest / "report.md", dest / "results.csv", dest / "trials.csv", *figures]:
+    tables = [dest / n for n in ("report.md", "results.csv", "trials.csv", "ablation.csv") if (dest / n).exists()]
+    for f in [*tables, *figures]:
         tracking.safe(f"log report {f.name}", lambda f=f: client.log_artifact(parent, str(f), "report"))
     print("\n".join(lines))
     print(f"\nwrote {dest} (also logged to MLflow run {parent}, artifacts/report)")

@@ -1,0 +1,54 @@
+"""Published numbers (paper/timevlm_icml2025.csv) and putting them beside ours in a report table."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+import pandas as pd
+
+from timevlm.errors import ConfigError
+
+COLUMNS = ["table", "protocol", "dataset", "horizon", "model", "variant", "metric", "value"]
+METRICS = ("mse", "mae", "smape", "mase", "owa")
+
+
+@lru_cache(maxsize=1)
+def paper_results() -> pd.DataFrame:
+    """Every published value, checked: known columns, metrics and protocols, positive numbers, no duplicates."""
+    from timevlm_platform.study import PROTOCOLS
+
+    path = resources.files("timevlm_platform") / "paper" / "timevlm_icml2025.csv"
+    with resources.as_file(path) as p:
+        df = pd.read_csv(p, comment="#", dtype={"horizon": str})
+    where = f"{path.name}"
+    if list(df.columns) != COLUMNS:
+        raise ConfigError(f"{where}: columns {list(df.columns)} != {COLUMNS}")
+    bad = df[~df["metric"].isin(METRICS) | ~df["protocol"].isin(PROTOCOLS) | ~(df["value"] > 0)
+             | ~df["horizon"].str.fullmatch(r"\d+|avg")]
+    if not bad.empty:
+        raise ConfigError(f"{where}: bad rows (metric, protocol, horizon or value):\n{bad.to_string()}")
+    key = ["protocol", "dataset", "horizon", "model", "variant", "metric"]
+    if df.duplicated(key).any():
+        raise ConfigError(f"{where}: duplicate rows:\n{df[df.duplicated(key, keep=False)].to_string()}")
+    return df
+
+
+def beside_paper(table: pd.DataFrame, protocol: str, metrics: tuple[str, ...] = ("mse", "mae")) -> pd.DataFrame:
+    """`table` (columns dataset, horizon, model, optional variant, test_<metric>) with `paper_<metric>` and
+    `delta_<metric>_pct` (ours vs published, in %) added where a published row matches; horizon may be
+    "avg" for horizon-averaged tables. Rows without a published value keep NaN."""
+    paper = paper_results()
+    paper = paper[paper["protocol"] == protocol]
+    out = table.copy()
+    variant = out["variant"] if "variant" in out else pd.Series("full", index=out.index)
+    for metric in metrics:
+        ours = f"test_{metric}"
+        if ours not in out:
+            continue
+        lookup = {(r.dataset, r.horizon, r.model, r.variant): r.value
+                  for r in paper[paper["metric"] == metric].itertuples()}
+        published = [lookup.get((d, str(h), str(m).lower(), v)) for d, h, m, v in
+                     zip(out["dataset"], out["horizon"], out["model"], variant)]
+        out[f"paper_{metric}"] = pd.to_numeric(pd.Series(published, index=out.index, dtype=object))
+        out[f"delta_{metric}_pct"] = 100 * (out[ours] - out[f"paper_{metric}"]) / out[f"paper_{metric}"]
+    return out
