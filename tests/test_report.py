@@ -72,11 +72,11 @@ def test_ablation_report_prints_change_against_full_and_the_paper_beside_ours(tm
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     mses = {"full": (0.36, 0.38), "w/o VAL": (0.40, 0.40), "w/o TAL": (0.37, 0.37)}
     rows = [({"data.dataset": "ETTh1", "model.pred_len": 96, "model.model": "timevlm", "train.seed": seed,
-              "searched.variant": variant, "searched.train.seed": seed},
+              "model.seq_len": 512, "searched.variant": variant, "searched.train.seed": seed},
              {"best_val_mse": mse + 0.3, "test_mse": mse, "test_mae": mse + 0.05})
             for variant, pair in mses.items() for seed, mse in zip((1, 2), pair)]
     _study_runs(uri, "abl", rows)
-    spec = parse_study({"name": "abl", "searcher": "grid", "seeds": 2, "fixed": {"model": {"seq_len": 96}},
+    spec = parse_study({"name": "abl", "searcher": "grid", "seeds": 2, "fixed": {"model": {"seq_len": 512}},
                         "variants": {"full": {}, "w/o VAL": {"model.use_val": False},
                                      "w/o TAL": {"model.use_tal": False}}})
     dest = write_report(spec, uri, str(tmp_path / "reports"))
@@ -88,8 +88,22 @@ def test_ablation_report_prints_change_against_full_and_the_paper_beside_ours(tm
     assert bool(abl.loc["w/o VAL", "beyond_seed_spread"]) and not bool(abl.loc["w/o TAL", "beyond_seed_spread"])
     md = (dest / "report.md").read_text()
     assert "Ablation (change against `full`" in md and "+8.1" in md
-    # the paper's ETTh1 96 figure (Table 5: 0.361) beside the full model's row, with our difference in %
+    # the paper's ETTh1 96 figure (Table 5: 0.361, at seq_len 512) beside the full model's row, with our
+    # difference in %; the ablated variants have no published figure here and get empty cells, not "nan"
     assert "paper_mse" in md and "0.3610" in md and f"{100 * (0.37 - 0.361) / 0.361:+.1f}" in md
+    assert "nan" not in md
+    res = pd.read_csv(dest / "results.csv")
+    assert res["seq_len"].tolist() == [512, 512, 512]
+
+
+def test_paper_figures_match_only_at_their_input_length():
+    from timevlm_platform.paper import beside_paper
+
+    t = pd.DataFrame({"dataset": ["ETTh1"] * 3, "horizon": [96, 96, "avg"], "model": ["timevlm"] * 2 + ["dlinear"],
+                      "seq_len": [96, 512, 336], "test_mse": [0.38, 0.37, 0.43]})
+    out = beside_paper(t, "long_term")
+    assert pd.isna(out.loc[0, "paper_mse"]) and out.loc[1, "paper_mse"] == 0.361
+    assert out.loc[2, "paper_mse"] == 0.422  # the baseline's lookback is not stated: matched on the rest
 
 
 def test_paper_results_are_checked_data():

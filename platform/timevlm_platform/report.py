@@ -41,6 +41,7 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
     for r in runs:
         row = {"run_id": r.info.run_id, "status": r.info.status, "dataset": r.data.params.get("data.dataset"),
                "horizon": int(r.data.params.get("model.pred_len", 0)),
+               "seq_len": int(r.data.params.get("model.seq_len", 0)),
                "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed")}
         row.update({k[len("searched."):]: _num(v) for k, v in r.data.params.items() if k.startswith("searched.")})
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS, "params_total", "seconds",
@@ -59,7 +60,7 @@ def _num(v: str):
 
 def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     done = df[(df["status"] == "FINISHED") & df["test_mse"].notna()]
-    by = ["dataset", "horizon", *keys]
+    by = ["dataset", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else [])
     agg = done.groupby(by, dropna=False).agg(
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
@@ -125,7 +126,7 @@ def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
 def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFrame:
     """Published values and our difference in % beside each matching row (see timevlm_platform.paper)."""
     t = table if "model.model" in table else table.assign(**{"model.model": model})
-    t = t.rename(columns={"model.model": "model"})
+    t = t.rename(columns={"model.model": "model", "model.seq_len": "seq_len"})
     if VARIANT_KEY in t and spec.variants:  # the first variant is the model as published
         t[VARIANT_KEY] = t[VARIANT_KEY].replace({next(iter(spec.variants)): "full"})
     out = beside_paper(t, spec.protocol.get("type", "long_term"))
@@ -140,8 +141,9 @@ _COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", 
 
 def _markdown(df: pd.DataFrame) -> str:
     """A markdown table with metrics at 4 decimals and counts, memory and seconds in readable units."""
-    return df.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns),
-                          missingval="")
+    blank = df.astype(object).where(df.notna(), None)  # missing values print as empty cells, not "nan"
+    return blank.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns),
+                             missingval="")
 
 
 def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
@@ -164,7 +166,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
              "data, mean +- std over seeds (n); configurations selected on validation. `paper_*`: the published "
              "figure where one matches (protocol, dataset, horizon, model, variant), at the paper's own settings "
              "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
-    cols = ["dataset", "horizon", *keys, "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
+    cols = ["dataset", "horizon", *keys, "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
             "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
     lines += [_markdown(_with_paper(summary[[c for c in cols if c in summary]], spec, model)), ""]
