@@ -111,3 +111,82 @@ def test_variant_study_runs_each_variant_with_its_settings(local_ray, tmp_path, 
     assert children["full"].data.params["model.use_val"] == "True"
     assert children["w/o VAL"].data.params["model.use_val"] == "False"
     assert children["full"].data.metrics["residual_scale"] in (0.0, 1.0)
+
+
+def _two_cells_at_once(tmp_path, shared_cache, study, tuners):
+    """Run a 2-cell x 1-trial study (ETTh1 at horizons 24 and 12) through `tuners` on the 2-CPU Ray; check both
+    cells finished with a best each and that their MLflow runs overlapped in time."""
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    spec = load_study(str(study_file))
+    assert [name for name, _ in spec.tuner_groups()] == tuners
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_study(spec, RunOptions(tracking_uri=uri, storage_path=str(tmp_path / "ray_results"),
+                                     cache_dir=shared_cache, verbose=0))
+    assert sorted(out["table"]["horizon"]) == [12, 24] and (out["table"]["status"] == "DONE").all()
+    assert set(out["best"]) == {"ETTh1-24", "ETTh1-12"}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"timevlm-{study['name']}")
+    kids = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
+    a, b = sorted(kids, key=lambda r: r.data.params["model.pred_len"])
+    assert (a.data.params["model.pred_len"], b.data.params["model.pred_len"]) == ("12", "24")
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # ran at the same time
+    return out, client, kids
+
+
+def test_cells_of_a_grid_study_run_at_once_and_utilisation_is_reported(local_ray, tmp_path, shared_cache):
+    """Two cells x one trial on a 2-CPU Ray: one Tuner runs both, so their MLflow runs overlap in time; the
+    parent run gets the cluster utilisation, and each cell its own best."""
+    study = {**STUDY, "name": "e2e-cells", "horizons": [24, 12], "search": {}, "searcher": "grid",
+             "budget": {"trials": 1, "epochs": 1}}
+    out, client, kids = _two_cells_at_once(tmp_path, shared_cache, study, ["e2e-cells"])
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.metrics["trial_slots"] == 2
+    assert 0 < parent.data.metrics["cluster_utilisation"] <= 1
+    held = sum(k.info.end_time - k.info.start_time for k in kids) / 1000  # each trial's slot, start to end
+    assert parent.data.metrics["trial_seconds_sum"] == pytest.approx(held, rel=1e-3)
+    assert parent.data.metrics["cluster_utilisation"] == pytest.approx(
+        held / (2 * parent.data.metrics["trials_wall_seconds"]), rel=1e-3)
+    assert parent.data.metrics["features_needed"] == 6  # 2 cells x 3 splits, built or found before the trials
+
+
+def test_prebuild_builds_each_entry_once_and_trials_only_read(local_ray, tmp_path, data_dir):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from timevlm.experiment import feature_encoder, prepare
+    from timevlm.features import FeatureCache
+    from timevlm_platform.prebuild import prebuild_features, study_jobs
+    from timevlm_platform.study import parse_study
+
+    spec = parse_study({**STUDY, "name": "e2e-prebuild", "horizons": [24, 12], "search": {}, "searcher": "grid",
+                        "variants": {"full": {}, "w/o VAL": {"model.use_val": False},
+                                     "linear": {"model.model": "dlinear"}}})
+    cache = str(tmp_path / "cache")
+    jobs, why = study_jobs(spec, str(data_dir))
+    assert len(jobs) == 6 and not why  # 2 cells x 3 splits: the variants share features, DLinear needs none
+    first = prebuild_features(spec, str(data_dir), cache, progress=False)
+    assert (first.needed, first.present, first.built, first.windows) == (6, 0, 6, 6 * 96)
+    assert FeatureCache(cache).keys() == {j.key for j in jobs}
+    # a trial finds every entry it needs: no VLM loaded, nothing built
+    exp = spec.experiment("ETTh1", 12, {"variant": "w/o VAL"})
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, data_dir=str(data_dir)),
+                              train=dataclasses.replace(exp.train, cache_dir=cache))
+    p = prepare(exp, progress=False)
+    assert (p.cache_info["cache_hits"], p.cache_info["cache_builds"]) == (3, 0)
+    # and what the batch job stored is the frozen VLM's output for those windows
+    direct = feature_encoder(exp, "cpu")(p.splits["val"].inputs(np.arange(5)))
+    torch.testing.assert_close(p.features["val"].vision[:5], direct["vision"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p.features["val"].text[:5], direct["text"], atol=1e-5, rtol=1e-4)
+    again = prebuild_features(spec, str(data_dir), cache, progress=False)  # complete: one listing, no job
+    assert (again.present, again.built) == (6, 0)
+
+
+def test_cells_of_a_searched_study_run_side_by_side(local_ray, tmp_path, shared_cache):
+    """An Optuna study keeps one Tuner per cell (its sampler compares one cell's trials), but the cells' Tuners
+    run at the same time, so two cells x one trial on a 2-CPU Ray overlap too; each cell gets its best."""
+    study = {**STUDY, "name": "e2e-optuna-cells", "horizons": [24, 12], "budget": {"trials": 1, "epochs": 1}}
+    _two_cells_at_once(tmp_path, shared_cache, study, ["e2e-optuna-cells-ETTh1-24", "e2e-optuna-cells-ETTh1-12"])

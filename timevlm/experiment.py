@@ -57,19 +57,18 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     if not getattr(model, "uses_features", False):
         return prepared
     device = resolve_device(exp.train.device)
-    freq = get_dataset(exp.data.dataset).freq
     encoders: dict[str, MultimodalEncoder] = {}
 
     def make_encoder() -> MultimodalEncoder:
         if "e" not in encoders:
-            encoders["e"] = MultimodalEncoder(mcfg, load_vlm(mcfg, device), freq)
+            encoders["e"] = feature_encoder(exp, device)
         return encoders["e"]
 
     if not exp.train.use_feature_cache:
         model.attach_encoder(make_encoder())
         return prepared
     cache = FeatureCache(exp.train.cache_dir)
-    settings = encoder_settings(mcfg, freq)
+    settings = encoder_settings(mcfg, get_dataset(exp.data.dataset).freq)
     t0 = time.perf_counter()
     for name, split in splits.items():
         prepared.features[name] = cache.get_or_build(settings, split, make_encoder, progress=progress)
@@ -77,6 +76,27 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
                            "cache_build_seconds": cache.stats.build_seconds,
                            "cache_seconds": time.perf_counter() - t0, "cache_root": cache.root}
     return prepared
+
+
+def needs_vlm_features(cfg: ModelConfig) -> bool:
+    """Whether a model with these settings reads the frozen VLM's features (Time-VLM with VAL or TAL on)."""
+    return cfg.model == "timevlm" and (cfg.use_val or cfg.use_tal)
+
+
+def feature_plan(exp: ExperimentConfig) -> tuple[dict[str, Any], dict[str, SplitData]] | None:
+    """(encoder settings, splits) whose features `prepare` reads from the cache, or None when the model reads
+    none. The same resolution as `prepare`, so a prebuilt entry is exactly the one a trial looks up."""
+    mcfg = resolve_model_config(exp.model, exp.data.dataset)
+    if not needs_vlm_features(mcfg):
+        return None
+    return (encoder_settings(mcfg, get_dataset(exp.data.dataset).freq),
+            build_splits(exp.data, mcfg.seq_len, mcfg.pred_len))
+
+
+def feature_encoder(exp: ExperimentConfig, device: torch.device | str) -> MultimodalEncoder:
+    """The frozen VLM with the VAL/TAL front end for this experiment (loads the VLM's weights)."""
+    mcfg = resolve_model_config(exp.model, exp.data.dataset)
+    return MultimodalEncoder(mcfg, load_vlm(mcfg, device), get_dataset(exp.data.dataset).freq)
 
 
 def test_metrics(model: torch.nn.Module, p: Prepared) -> dict[str, float]:

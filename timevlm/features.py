@@ -90,6 +90,16 @@ class FeatureCache:
         self.stats.hits += 1
         return self._read(key)
 
+    def keys(self) -> set[str]:
+        """Every complete entry in the cache, from one directory listing (temporary files excluded)."""
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.base, detail=False))
+        return {n[:-len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(".")}
+
+    def put(self, key: str, feats: "SplitFeatures", settings: dict) -> None:
+        """Store an entry computed elsewhere (e.g. by a distributed batch job), atomically."""
+        self._write(key, feats, settings)
+        self.stats.builds += 1
+
     def _write(self, key: str, feats: "SplitFeatures", settings: dict) -> None:
         n = len(feats.vision)
         table = pa.table({

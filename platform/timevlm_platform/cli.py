@@ -28,6 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", help="data folder (default $TIMEVLM_DATA_DIR, then ../shared/data)")
     ap.add_argument("--cache-dir", help="VLM feature cache, local dir or fsspec URI (default $TIMEVLM_CACHE_DIR)")
     ap.add_argument("--no-feature-cache", action="store_true", help="compute VLM features at every step")
+    ap.add_argument("--no-prebuild", action="store_true",
+                    help="do not build the study's VLM features up front (each trial builds what it misses)")
     ap.add_argument("--experiment", help="MLflow experiment name (default timevlm-STUDY)")
     ap.add_argument("--out", default="reports", help="report/visualize: output folder")
     ap.add_argument("--run-id", help="visualize: the MLflow run id of a trial")
@@ -73,7 +75,8 @@ def _dispatch(args) -> int:
     out = run_study(spec, RunOptions(
         resume=args.resume, fresh=args.fresh, tracking_uri=args.tracking_uri, address=args.address,
         storage_path=args.storage_path, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        use_feature_cache=not args.no_feature_cache, experiment_name=args.experiment))
+        use_feature_cache=not args.no_feature_cache, prebuild=not args.no_prebuild,
+        experiment_name=args.experiment))
     _print_summary(spec, out)
     table = out["table"]
     if len(table) and (table["status"] == "ERROR").all():

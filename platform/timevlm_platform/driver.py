@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from timevlm_platform import tracking
-from timevlm_platform.study import Cell, StudySpec
+from timevlm_platform.study import CELL_KEY, Cell, StudySpec
 from timevlm_platform.worker import diverged_reason, train_worker
 
 
@@ -26,11 +26,12 @@ class TrialDiverged(RuntimeError):
 
 @dataclass
 class TrialContext:
-    """What every trial of one (study, dataset, horizon) cell shares; bound with tune.with_parameters."""
+    """What every trial of one Tune experiment shares (one cell, or several cells of a grid study, told apart
+    by the trial's `cell` parameter); bound with tune.with_parameters."""
 
     spec: StudySpec
-    cell: Cell
-    run_name: str  # stable Tune experiment name of this cell
+    cells: dict[str, Cell]  # by label
+    run_name: str  # stable Tune experiment name
     storage_path: str
     tracking_uri: str
     experiment_id: str
@@ -40,13 +41,27 @@ class TrialContext:
     use_feature_cache: bool = True
     worker_max_failures: int = 2
 
+    def cell_of(self, config: dict[str, Any]) -> Cell:
+        return self.cells[config[CELL_KEY]] if CELL_KEY in config else next(iter(self.cells.values()))
+
+
+def trial_run_name(cell: Cell, config: dict[str, Any], trial_id: str) -> str:
+    """A short MLflow run name that tells trials apart at a glance: the cell, what this trial sets, its id,
+    e.g. `ETTh1-96 variant=w/o VAL seed=2022 #00003`."""
+    def short(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    values = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in config.items() if k != CELL_KEY)
+    return " ".join(filter(None, [cell.label, values, f"#{trial_id.rsplit('_', 1)[-1]}"]))
+
 
 def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     tctx = ray.tune.get_context()
-    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    trial_id = tctx.get_trial_id()
     spec = ctx.spec
-    cell = ctx.cell
-    exp = spec.experiment(cell.dataset, cell.horizon, config, cell.test_dataset)
+    cell = ctx.cell_of(config)
+    exp = spec.experiment(cell.dataset, cell.horizon, {k: v for k, v in config.items() if k != CELL_KEY},
+                          cell.test_dataset)
     exp = dataclasses.replace(
         exp,
         data=dataclasses.replace(exp.data, data_dir=ctx.data_dir),
@@ -55,7 +70,7 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
                                   num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
     client = MlflowClient(ctx.tracking_uri)
     run_id = tracking.safe("create trial run", lambda: tracking.child_run(
-        client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{cell.label}-{trial_name}",
+        client, ctx.experiment_id, ctx.parent_run_id, trial_id, trial_run_name(cell, config, trial_id),
         {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
          tracking.STUDY_TAG: spec.name}))
     if run_id:

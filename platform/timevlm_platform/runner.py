@@ -1,5 +1,6 @@
-"""Run a study: local or remote Ray, one Tune experiment per (dataset, horizon) cell, MLflow parent run,
-resume of an interrupted study, and the final trials table."""
+"""Run a study: local or remote Ray, Tune experiments over the study's cells (one for all cells of a grid
+study, so every trial competes for the cluster at once; one per cell for searched studies), MLflow parent
+run, resume of an interrupted study, the final trials table and the cluster utilisation."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ import pandas as pd
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from timevlm.data.files import resolve_data_dir
 from timevlm.data.windows import build_splits
@@ -24,7 +26,7 @@ from timevlm.errors import ConfigError
 from timevlm_platform import tracking
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import num_samples, param_space, scheduler, searcher
-from timevlm_platform.study import StudySpec
+from timevlm_platform.study import CELL_KEY, Cell, StudySpec
 
 DRIVER_MEMORY_BYTES = 256 * 1024**2
 
@@ -39,6 +41,7 @@ class RunOptions:
     data_dir: str | None = None
     cache_dir: str | None = None
     use_feature_cache: bool = True
+    prebuild: bool = True  # build the study's VLM features as one distributed batch job before the trials
     experiment_name: str | None = None
     verbose: int = 1
     worker_max_failures: int = 2
@@ -87,12 +90,16 @@ def _cluster_concurrency(spec: StudySpec) -> int:
     return min(limit, res.max_concurrent) if res.max_concurrent else limit
 
 
-def trials_table(results: tune.ResultGrid, spec: StudySpec) -> pd.DataFrame:
+def trials_table(results: tune.ResultGrid, spec: StudySpec, cells: dict[str, Cell]) -> pd.DataFrame:
+    zero_shot = any(c.test_dataset for c in cells.values())
     rows = []
     for r in results:
         m = r.metrics or {}
+        cell = cells[r.config[CELL_KEY]] if CELL_KEY in (r.config or {}) else next(iter(cells.values()))
         status = "ERROR" if r.error else ("DONE" if "test_mse" in m else "STOPPED")
-        row = {"trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
+        row = {"dataset": cell.dataset, **({"test_dataset": cell.test_dataset} if zero_shot else {}),
+               "horizon": cell.horizon,
+               "trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
         row.update({key.split(".", 1)[-1]: r.config.get(key) for key in spec.searched_keys})
         if spec.seeds > 1:
             row["seed"] = r.config.get("train.seed")
@@ -100,8 +107,51 @@ def trials_table(results: tune.ResultGrid, spec: StudySpec) -> pd.DataFrame:
                     "test_mse": m.get("test_mse"), "test_mae": m.get("test_mae")})
         if r.error:
             row["error"] = str(r.error).strip().splitlines()[-1][:80]
+        row["seconds"] = m.get("time_total_s", 0.0)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def utilisation(trial_seconds: float, slots: int, wall: float) -> float:
+    """Share of the cluster's trial slots kept busy while the study's trials ran: slot-seconds the trials held
+    over slots x the wall time of the trial phase (the up-front feature build and setup are reported beside)."""
+    return trial_seconds / (slots * wall) if slots and wall > 0 else float("nan")
+
+
+def _fit_group(ctx: TrialContext, resume: bool, concurrency: int, verbose: int) -> pd.DataFrame:
+    """Run (or resume) the Tune experiment of one group of cells and return its trials table."""
+    spec, cells = ctx.spec, ctx.cells
+    path = f"{ctx.storage_path}/{ctx.run_name}"
+    # The driver only waits on its TorchTrainer; it takes no CPU (the workers do) but some memory.
+    trainable = tune.with_resources(tune.with_parameters(train_driver, ctx=ctx),
+                                    {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
+    if resume:
+        print(f"[timevlm-platform] resuming {ctx.run_name} from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        space = param_space(spec)
+        if len(cells) > 1:  # every cell's trials in this one Tuner: they share the cluster's slots
+            space[CELL_KEY] = tune.grid_search(list(cells))
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            # reuse_actors: a finished trial's driver process takes the next trial, so a slot does not sit
+            # idle while a new process starts and imports torch and mlflow (~6 s per trial, measured)
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec),
+                                        scheduler=scheduler(spec), num_samples=num_samples(spec),
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(name=ctx.run_name, storage_path=ctx.storage_path, verbose=verbose,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    return trials_table(tuner.fit(), spec, cells)
+
+
+def _trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str, since: float) -> float:
+    """How long trials held their slots in this invocation: each trial run's start to end in MLflow (the driver
+    opens it first and closes it last, so Train's worker start and shutdown count; Tune's time_total_s stops
+    at the last report). Runs finished before `since` (an earlier, resumed invocation) are not counted."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
+                              max_results=10000)
+    return sum((r.info.end_time - max(r.info.start_time, since * 1000)) / 1000 for r in runs
+               if r.info.end_time and r.info.end_time >= since * 1000)
 
 
 def _close_orphans(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
@@ -143,60 +193,81 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     # on a real cluster set it in the job's runtime env, see cluster/runtime_env.yaml).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
     if not ray.is_initialized():
-        ray.init(address=opts.address, include_dashboard=False if opts.address is None else None,
+        # The local Ray starts with its dashboard: it serves the State API that Train V2's PlacementGroupCleaner
+        # polls every second to see whether a trial's controller is alive. Without it every poll fails and
+        # logs "Failed to query Ray Train Controller actor state" (about 100 lines per study), and a dead
+        # controller's placement group would not be cleaned up.
+        ray.init(address=opts.address, include_dashboard=True if opts.address is None else None,
                  log_to_driver=True)
     concurrency = _cluster_concurrency(spec)
+    built = None
+    if opts.use_feature_cache and opts.prebuild:
+        from timevlm_platform.prebuild import prebuild_features
+
+        try:
+            built = prebuild_features(spec, data_dir, cache_dir, progress=opts.verbose > 0)
+        except Exception as e:  # noqa: BLE001 - the trials can still build what they need themselves
+            print(f"[timevlm-platform] WARNING: the up-front feature build failed ({type(e).__name__}: {e}); "
+                  f"each trial builds the features it misses instead", file=sys.stderr, flush=True)
+        else:
+            print(f"[timevlm-platform] features: {built.line()}", flush=True)
+            tracking.safe("log prebuild", lambda: tracking.log_metrics(client, parent, {
+                "features_needed": built.needed, "features_cached": built.present, "features_built": built.built,
+                "features_build_seconds": built.seconds, "features_build_nodes": len(built.nodes)}))
     print(f"[timevlm-platform] study {spec.name}: {len(spec.cells())} cell(s) x "
           f"{'grid' if spec.searcher == 'grid' else spec.trials} trials, {spec.epochs} epochs, "
           f"{concurrency} concurrent; MLflow {tracking_uri} (experiment {exp_name}, parent run {parent})",
           flush=True)
 
-    tables, bests = [], {}
-    for cell in spec.cells():
-        run_name = f"{spec.name}-{cell.label}"
+    groups = []
+    for run_name, group in spec.tuner_groups():
         path = f"{storage}/{run_name}"
-        ctx = TrialContext(spec, cell, run_name, storage, tracking_uri, experiment_id, parent,
-                           data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures)
-        # The driver only waits on its TorchTrainer; it takes no CPU (the workers do) but some memory.
-        trainable = tune.with_resources(tune.with_parameters(train_driver, ctx=ctx),
-                                        {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
         exists = tune.Tuner.can_restore(path)
-        if exists and opts.resume:
-            print(f"[timevlm-platform] resuming {run_name} from {path}", flush=True)
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            if exists and not opts.fresh:
-                raise ConfigError(f"study cell {run_name} already has results at {path}; pass --resume to "
-                                  f"continue it or --fresh to start it over")
-            if exists:
-                shutil.rmtree(path, ignore_errors=True)
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec),
-                                            scheduler=scheduler(spec), num_samples=num_samples(spec),
-                                            max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=opts.verbose,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
-        results = tuner.fit()
-        _close_orphans(client, experiment_id, parent)
-        table = trials_table(results, spec)
-        table.insert(0, "horizon", cell.horizon)
-        if cell.test_dataset:
-            table.insert(0, "test_dataset", cell.test_dataset)
-        table.insert(0, "dataset", cell.dataset)
-        tables.append(table)
-        ok = table.dropna(subset=[spec.metric])
-        if len(ok):
-            best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
-            bests[cell.label] = best
-            _tag_best(client, experiment_id, parent, spec, cell, best)
+        if exists and not opts.resume and not opts.fresh:
+            raise ConfigError(f"study {spec.name}: {run_name} already has results at {path}; pass --resume to "
+                              f"continue it or --fresh to start it over")
+        if exists and not opts.resume:
+            shutil.rmtree(path, ignore_errors=True)
+        ctx = TrialContext(spec, {c.label: c for c in group}, run_name, storage, tracking_uri, experiment_id,
+                           parent, data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures)
+        groups.append((ctx, exists and opts.resume))
+
+    t_trials, t_fit = time.time(), time.perf_counter()
+    if len(groups) == 1:
+        tables = [_fit_group(groups[0][0], groups[0][1], concurrency, opts.verbose)]
+    else:
+        # One Tuner per cell (searched or ASHA studies): run them side by side, each from a task on this node
+        # (its results go to the same storage), so their trials compete for the cluster's slots together.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        fit = ray.remote(num_cpus=0, scheduling_strategy=here)(_fit_group)
+        tables = ray.get([fit.remote(ctx, resume, concurrency, opts.verbose) for ctx, resume in groups])
+    trials_wall = time.perf_counter() - t_fit
+    _close_orphans(client, experiment_id, parent)
+    bests = {}
+    for (ctx, _), table in zip(groups, tables):
+        cells = ctx.cells
+        for label, cell in cells.items():
+            ok = table[(table["dataset"] == cell.dataset) & (table["horizon"] == cell.horizon)]
+            if cell.test_dataset:
+                ok = ok[ok["test_dataset"] == cell.test_dataset]
+            ok = ok.dropna(subset=[spec.metric])
+            if len(ok):
+                best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
+                bests[label] = best
+                _tag_best(client, experiment_id, parent, spec, cell, best)
 
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     wall = time.perf_counter() - t_start
-    _finish_parent(client, parent, table, wall)
+    busy = _trial_busy_seconds(client, experiment_id, parent, since=t_trials)
+    usage = {"cluster_utilisation": utilisation(busy, concurrency, trials_wall), "trial_slots": concurrency,
+             "trial_seconds_sum": busy, "trials_wall_seconds": trials_wall, "study_wall_seconds": wall}
+    print(f"[timevlm-platform] study {spec.name}: {wall:.0f}s wall ({trials_wall:.0f}s of it running trials); "
+          f"trials busy {busy:.0f}s in {concurrency} slot(s): cluster utilisation "
+          f"{usage['cluster_utilisation']:.2f}", flush=True)
+    _finish_parent(client, parent, table, usage)
     return {"table": table, "best": bests, "parent_run_id": parent, "experiment_id": experiment_id,
-            "tracking_uri": tracking_uri, "wall_seconds": wall, "storage": storage,
-            "log_failures": tracking.LogFailures.count}
+            "tracking_uri": tracking_uri, "wall_seconds": wall, "storage": storage, "usage": usage,
+            "prebuild": built, "log_failures": tracking.LogFailures.count}
 
 
 def _tag_best(client, experiment_id, parent, spec, cell, best) -> None:
@@ -213,14 +284,14 @@ def _tag_best(client, experiment_id, parent, spec, cell, best) -> None:
     tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, metrics))
 
 
-def _finish_parent(client, parent, table: pd.DataFrame, wall: float) -> None:
+def _finish_parent(client, parent, table: pd.DataFrame, usage: dict[str, float]) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "trials.csv"
         table.to_csv(p, index=False)
         tracking.safe("log trials table", lambda: client.log_artifact(parent, str(p)))
-    tracking.safe("log study wall time", lambda: tracking.log_metrics(client, parent, {"study_wall_seconds": wall}))
+    tracking.safe("log study usage", lambda: tracking.log_metrics(client, parent, usage))
     failed = int((table.get("status") == "ERROR").sum()) if len(table) else 0
     tracking.safe("finish study run", lambda: tracking.finish(client, parent, True))
     if failed:

@@ -22,6 +22,7 @@ METRICS = ("best_val_mse", "best_val_mae")
 TOP_KEYS = {"name", "description", "datasets", "horizons", "fixed", "search", "searcher", "budget",
             "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol", "preset", "variants"}
 VARIANT_KEY = "variant"  # the searched parameter that names one of a study's `variants`
+CELL_KEY = "cell"  # the grid parameter that names a trial's cell when one Tuner runs several cells
 
 
 @dataclass
@@ -131,6 +132,16 @@ class StudySpec:
             pairs = self.protocol.get("pairs") or ZERO_SHOT_PAIRS
             return [Cell(src, h, tgt) for (src, tgt), h in itertools.product(pairs, self.horizons)]
         return [Cell(ds, h) for ds, h in itertools.product(self.datasets, self.horizons)]
+
+    def tuner_groups(self) -> list[tuple[str, list[Cell]]]:
+        """How the study's cells map onto Tune experiments: (stable run name, cells). A grid study without
+        early stopping runs every cell in one Tuner (cells become a `cell` grid parameter), so all its trials
+        compete for the cluster's trial slots at once. A searched (Optuna) or ASHA study keeps one Tuner per
+        cell: its searcher and scheduler must only compare trials of one dataset and horizon."""
+        cells = self.cells()
+        if self.searcher == "grid" and self.scheduler.type == "fifo":
+            return [(self.name, cells)]
+        return [(f"{self.name}-{c.label}", [c]) for c in cells]
 
     def with_smoke(self) -> "StudySpec":
         """A tiny-budget copy for --smoke: the study's `smoke` block overrides budget and fixed settings."""
