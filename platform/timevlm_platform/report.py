@@ -171,7 +171,8 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
     lines += [_markdown(_with_paper(summary[[c for c in cols if c in summary]], spec, model)), ""]
     if len(summary["horizon"].unique()) > 1:
-        avg = summary.groupby(["dataset", *keys])[["test_mse", "test_mae"]].mean().reset_index()
+        by = ["dataset", *keys] + (["seq_len"] if "seq_len" in summary else [])  # averages match at their length
+        avg = summary.groupby(by)[["test_mse", "test_mae"]].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
                   ""]
     if spec.variants and VARIANT_KEY in keys:

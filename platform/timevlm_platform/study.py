@@ -228,25 +228,23 @@ class StudySpec:
                 if k not in known:
                     raise ConfigError(f"{where}: fixed.{section}.{k}: unknown setting")
         for p in self.search:
-            section, _, name = p.key.partition(".")
-            if section not in _SECTIONS or name not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            if not _is_setting(p.key):
                 raise ConfigError(f"{where}: search.{p.key}: not a setting (use section.field, e.g. model.d_model)")
         from timevlm.presets import PRESETS
 
-        for name, preset in [("preset", self.preset)] + [(f"variants.{v}.preset", s.get("preset"))
-                                                         for v, s in self.variants.items() if isinstance(s, dict)]:
-            if preset is not None and preset not in PRESETS:
-                raise ConfigError(f"{where}: {name}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         if not isinstance(self.variants, dict):
             raise ConfigError(f"{where}: variants: must map variant names to settings")
+        presets = [("preset", self.preset)]
         for vname, settings in self.variants.items():
             if not isinstance(settings, dict):
                 raise ConfigError(f"{where}: variants.{vname}: must map section.key to a value (or preset: NAME)")
+            presets.append((f"variants.{vname}.preset", settings.get("preset")))
             for key in settings:
-                section, _, fname = key.partition(".")
-                if key != "preset" and (section not in _SECTIONS or
-                                        fname not in {f.name for f in dataclasses.fields(_SECTIONS[section])}):
+                if key != "preset" and not _is_setting(key):
                     raise ConfigError(f"{where}: variants.{vname}.{key}: not a setting (use section.field or preset)")
+        for name, preset in presets:
+            if preset is not None and preset not in PRESETS:
+                raise ConfigError(f"{where}: {name}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         if self.variants and any(p.key == VARIANT_KEY for p in self.search):
             raise ConfigError(f"{where}: search.{VARIANT_KEY}: name variants under `variants`, not `search`")
         if self.searcher not in ("optuna", "grid"):
@@ -278,6 +276,12 @@ class StudySpec:
                 except ConfigError as e:
                     label = f" (variant {variant!r})" if variant else ""
                     raise ConfigError(f"{where}{label}: {e}") from None
+
+
+def _is_setting(key: str) -> bool:
+    """Whether `key` names a config field as `section.field` (e.g. model.d_model)."""
+    section, _, name = key.partition(".")
+    return section in _SECTIONS and name in {f.name for f in dataclasses.fields(_SECTIONS[section])}
 
 
 def _first_value(p: Param) -> Any:
