@@ -177,10 +177,11 @@ def test_prebuild_builds_each_entry_once_and_trials_only_read(local_ray, tmp_pat
                               train=dataclasses.replace(exp.train, cache_dir=cache))
     p = prepare(exp, progress=False)
     assert (p.cache_info["cache_hits"], p.cache_info["cache_builds"]) == (3, 0)
-    # and what the batch job stored is the frozen VLM's output for those windows
+    # and what the batch job stored is the frozen VLM's output for those windows (up to float rounding: the
+    # job ran them in batches of up to 256, here in one batch of 5, and CPU convolutions sum in another order)
     direct = feature_encoder(exp, "cpu")(p.splits["val"].inputs(np.arange(5)))
-    torch.testing.assert_close(p.features["val"].vision[:5], direct["vision"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(p.features["val"].text[:5], direct["text"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p.features["val"].vision[:5], direct["vision"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(p.features["val"].text[:5], direct["text"], atol=1e-4, rtol=1e-3)
     again = prebuild_features(spec, str(data_dir), cache, progress=False)  # complete: one listing, no job
     assert (again.present, again.built) == (6, 0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -125,6 +126,9 @@ def _fit_group(ctx: TrialContext, resume: bool, concurrency: int, verbose: int) 
     # The driver only waits on its TorchTrainer; it takes no CPU (the workers do) but some memory.
     trainable = tune.with_resources(tune.with_parameters(train_driver, ctx=ctx),
                                     {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
+    # Tune registers a trainable under its name for the whole Ray job; Tuners running side by side must not
+    # share one, or every Tuner's trials run the last-registered context (seen: both cells trained cell 2).
+    trainable.__name__ = "trial_" + re.sub(r"\W", "_", ctx.run_name)
     if resume:
         print(f"[timevlm-platform] resuming {ctx.run_name} from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
