@@ -26,6 +26,9 @@ from timevlm.features import FeatureCache, SplitFeatures, cache_key
 from timevlm_platform.study import VARIANT_KEY, StudySpec
 
 WINDOWS_PER_BATCH = 256
+# The model settings that can change the features or whether they are needed (a superset is safe).
+FEATURE_FIELDS = ("model", "use_val", "use_tal", "seq_len", "pred_len", "periodicity", "image_size", "top_k_freqs",
+                  "vision_tokens", "max_prompt_tokens", "vlm", "vlm_path", "vlm_input_size", "dataset_description")
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,10 @@ def _grid_values(spec: StudySpec) -> tuple[list[dict[str, Any]], str]:
     for p in spec.search:
         if "values" in p.args:
             axes.append([(p.key, v) for v in p.args["values"]])
-        else:
-            unlisted.append(p.key)
+        else:  # a range: one value stands for all, which is exact unless the key changes the features
+            section, _, name = p.key.partition(".")
+            if section == "data" or name in FEATURE_FIELDS:
+                unlisted.append(p.key)
             axes.append([(p.key, p.args["low"])])
     if spec.variants:
         axes.append([(VARIANT_KEY, v) for v in spec.variants])
@@ -103,11 +108,7 @@ def study_jobs(spec: StudySpec, data_dir: str) -> tuple[list[FeatureJob], str]:
 
 
 def _feature_fields(exp: ExperimentConfig) -> dict[str, Any]:
-    """The model settings that can change the features or whether they are needed (a superset is safe)."""
-    m = exp.model
-    return {k: getattr(m, k) for k in ("model", "use_val", "use_tal", "seq_len", "pred_len", "periodicity",
-                                       "image_size", "top_k_freqs", "vision_tokens", "max_prompt_tokens", "vlm",
-                                       "vlm_path", "vlm_input_size", "dataset_description")}
+    return {k: getattr(exp.model, k) for k in FEATURE_FIELDS}
 
 
 class _Encoder:
