@@ -19,6 +19,7 @@ import csv
 import multiprocessing as mp
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,9 @@ def summarize(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    if argv is None and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "summarize":
-        print(summarize(__import__("sys").argv[2:]))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["summarize"]:
+        print(summarize(argv[1:]))
         return Path(".")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=sorted(PLANS), default="issue10")
