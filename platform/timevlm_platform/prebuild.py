@@ -123,6 +123,7 @@ class _Encoder:
         self.node = ray.get_runtime_context().get_node_id()
         self._encoders: dict[str, Any] = {}
         self._splits: dict[int, Any] = {}
+        self._plans: dict[str, dict[str, Any]] = {}  # experiment -> its splits
 
     def _job(self, j: int):
         """(encoder, split) of job j. The VLM's weights are loaded once per actor and variant; only the cheap
@@ -141,7 +142,10 @@ class _Encoder:
             if ident not in self._encoders:
                 self._encoders[ident] = load_vlm(mcfg, self.device)
             encoder = MultimodalEncoder(mcfg, self._encoders[ident], get_dataset(exp.data.dataset).freq)
-            self._splits[j] = (encoder, feature_plan(exp)[1][self.jobs[j].split])
+            plan_key = json.dumps(self.jobs[j].experiment, sort_keys=True, default=str)
+            if plan_key not in self._plans:  # one experiment's three splits are three jobs: load them once
+                self._plans[plan_key] = feature_plan(exp)[1]
+            self._splits[j] = (encoder, self._plans[plan_key][self.jobs[j].split])
         return self._splits[j]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
