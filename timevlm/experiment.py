@@ -74,7 +74,8 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
         prepared.features[name] = cache.get_or_build(settings, split, make_encoder, progress=progress)
     prepared.cache_info = {"cache_hits": cache.stats.hits, "cache_builds": cache.stats.builds,
                            "cache_build_seconds": cache.stats.build_seconds,
-                           "cache_seconds": time.perf_counter() - t0, "cache_root": cache.root}
+                           "cache_seconds": time.perf_counter() - t0, "cache_root": cache.root,
+                           "cache_keys": list(cache.stats.keys)}
     return prepared
 
 

@@ -31,6 +31,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prebuild", action="store_true",
                     help="do not build the study's VLM features up front (each trial builds what it misses)")
     ap.add_argument("--experiment", help="MLflow experiment name (default timevlm-STUDY)")
+    ap.add_argument("--optuna-storage", metavar="URL",
+                    help="Optuna RDB storage (default: optuna.db beside the MLflow store; $TIMEVLM_OPTUNA_STORAGE)")
+    ap.add_argument("-v", "--verbose", action="count", default=1,
+                    help="-v: also Tune's own status tables (default: one line per finished trial)")
     ap.add_argument("--out", default="reports", help="report/visualize: output folder")
     ap.add_argument("--run-id", help="visualize: the MLflow run id of a trial")
     return ap
@@ -76,7 +80,7 @@ def _dispatch(args) -> int:
         resume=args.resume, fresh=args.fresh, tracking_uri=args.tracking_uri, address=args.address,
         storage_path=args.storage_path, data_dir=args.data_dir, cache_dir=args.cache_dir,
         use_feature_cache=not args.no_feature_cache, prebuild=not args.no_prebuild,
-        experiment_name=args.experiment))
+        experiment_name=args.experiment, optuna_storage=args.optuna_storage, verbose=args.verbose))
     _print_summary(spec, out)
     table = out["table"]
     if len(table) and (table["status"] == "ERROR").all():
@@ -104,7 +108,13 @@ def _print_summary(spec, out) -> None:
     print(f"\nstudy wall time {out['wall_seconds']:.0f}s; MLflow parent run {out['parent_run_id']}")
     if out["log_failures"]:
         print(f"WARNING: {out['log_failures']} MLflow logging call(s) failed (see stderr)")
+    from timevlm_platform.tracking import experiment_url
+
+    base = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri
     if uri.startswith("sqlite:"):
         print(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"open the MLflow UI at {uri}")
+    print(f"the study's runs:    {experiment_url(base, out['experiment_id'])}")
+    for name in out.get("registered", []):
+        print(f"best model:          mlflow.pyfunc.load_model('models:/{name}@best')")
+    if out.get("optuna_storage") and any(k for k in spec.search):
+        print(f"Optuna's studies:    optuna-dashboard {out['optuna_storage']}")

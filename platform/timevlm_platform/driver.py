@@ -6,6 +6,7 @@ again, after a restart) here and handed to the rank-0 worker.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,10 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from timevlm.config import ExperimentConfig
+from timevlm.experiment import resolve_model_config
 from timevlm_platform import tracking
-from timevlm_platform.study import CELL_KEY, Cell, StudySpec
+from timevlm_platform.study import CELL_KEY, VARIANT_KEY, Cell, StudySpec
 from timevlm_platform.worker import diverged_reason, train_worker
 
 
@@ -40,6 +43,8 @@ class TrialContext:
     cache_dir: str
     use_feature_cache: bool = True
     worker_max_failures: int = 2
+    optuna_storage: str | None = None  # RDB URL of Optuna's studies (None: in memory)
+    optuna_study: str = ""  # this Tuner's Optuna study name in that storage
 
     def cell_of(self, config: dict[str, Any]) -> Cell:
         return self.cells[config[CELL_KEY]] if CELL_KEY in config else next(iter(self.cells.values()))
@@ -53,6 +58,31 @@ def trial_run_name(cell: Cell, config: dict[str, Any], trial_id: str) -> str:
 
     values = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in config.items() if k != CELL_KEY)
     return " ".join(filter(None, [cell.label, values, f"#{trial_id.rsplit('_', 1)[-1]}"]))
+
+
+# Settings that say where things are on this cluster, not what was trained (they are run tags instead).
+_NOT_PARAMS = ("data.data_dir", "train.cache_dir", "train.progress")
+
+
+def resolved_params(exp: ExperimentConfig, searched: dict[str, Any]) -> dict[str, Any]:
+    """The trial's parameters as it really ran, each once: the config with what the dataset decides filled in
+    (n_vars, periodicity, the prompt's dataset description), plus the variant name when the study has variants."""
+    exp = dataclasses.replace(exp, model=resolve_model_config(exp.model, exp.data.dataset))
+    out = {k: v for k, v in exp.flat().items() if k not in _NOT_PARAMS}
+    if VARIANT_KEY in searched:
+        out[VARIANT_KEY] = searched[VARIANT_KEY]
+    return out
+
+
+def trial_description(spec: StudySpec, cell: Cell, exp: ExperimentConfig, searched: dict[str, Any]) -> str:
+    """The run's description (markdown, shown on its page): what this trial trains and what it changed."""
+    m = exp.model
+    target = f", tested on {cell.test_dataset}" if cell.test_dataset else ""
+    how = {"grid": "a grid point"}.get(spec.searcher, "sampled by Optuna (TPE)") if spec.search else "fixed settings"
+    sets = ", ".join(f"`{k}` = {v}" for k, v in searched.items()) or "nothing (the study's fixed settings)"
+    return (f"Study **{spec.name}**, cell {cell.label}: {m.model} forecasts {cell.dataset}{target} "
+            f"{m.pred_len} steps ahead from {m.seq_len}, {exp.train.epochs} epochs at most.\n\n"
+            f"This trial sets {sets} ({how}).")
 
 
 def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -69,14 +99,15 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
                                   use_feature_cache=ctx.use_feature_cache,
                                   num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
     client = MlflowClient(ctx.tracking_uri)
+    searched = {k: v for k, v in config.items() if k != CELL_KEY}
     run_id = tracking.safe("create trial run", lambda: tracking.child_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, trial_run_name(cell, config, trial_id),
         {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
-         tracking.STUDY_TAG: spec.name}))
+         tracking.STUDY_TAG: spec.name, tracking.SEARCHED_TAG: json.dumps(searched, default=str),
+         tracking.DESCRIPTION_TAG: trial_description(spec, cell, exp, searched),
+         "data_dir": ctx.data_dir, "feature_cache": ctx.cache_dir, **tracking.source_tags()}))
     if run_id:
-        tracking.safe("log trial params", lambda: tracking.log_params(
-            client, run_id, {**exp.flat(), **{f"searched.{k}": v for k, v in config.items()}}))
-
+        tracking.safe("log trial params", lambda: tracking.log_params(client, run_id, resolved_params(exp, searched)))
     res = spec.resources
     trainer = TorchTrainer(
         train_worker,

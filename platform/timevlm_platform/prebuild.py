@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from timevlm.config import ExperimentConfig
 from timevlm.experiment import feature_plan
@@ -117,6 +118,9 @@ class _Encoder:
     def __init__(self, jobs: list[FeatureJob], device: str) -> None:
         import ray
 
+        from timevlm_platform.console import quiet_worker
+
+        quiet_worker()
         torch.set_num_threads(1)
         self.jobs, self.device = jobs, device
         self.offsets = np.cumsum([0] + [j.n_windows for j in jobs])
@@ -181,7 +185,9 @@ def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_act
     total = int(sum(j.n_windows for j in todo))
     actors = max(1, min(max_actors or slots, slots, -(-total // WINDOWS_PER_BATCH)))
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    # one bar over the windows (below) instead of Ray Data's operator bars, which, when stdout is not a
+    # terminal (a log, `ray job submit`), turn into a block of log lines every 10 s
+    ctx.enable_progress_bars = False
     # The window ids go in as in-memory blocks (no read tasks): on a cluster whose every CPU holds an encoder
     # actor, read tasks would wait for a CPU forever.
     ids = np.array_split(np.arange(total, dtype=np.int64), max(actors * 4, -(-total // (4 * WINDOWS_PER_BATCH))))
@@ -194,7 +200,9 @@ def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_act
     offsets = np.cumsum([0] + [j.n_windows for j in todo])
     pending: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     nodes: set[str] = set()
+    bar = tqdm(total=total, unit="window", desc="VLM features", disable=not progress, mininterval=5)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        bar.update(len(batch["data"]))
         nodes.update(batch["node"].tolist())
         ids = batch["data"]
         job_of = np.searchsorted(offsets, ids, side="right") - 1
@@ -213,6 +221,7 @@ def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_act
                 cache.put(todo[j].key, SplitFeatures(torch.from_numpy(vision), torch.from_numpy(text)),
                           todo[j].settings)
                 del pending[j]
+    bar.close()
     if pending:
         raise RuntimeError(f"feature batch job returned incomplete entries: {[todo[j].key for j in pending]}")
     report.built, report.windows = len(todo), total

@@ -9,7 +9,9 @@ Selection is by validation; test metrics are reported.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -43,11 +45,20 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
                "horizon": int(r.data.params.get("model.pred_len", 0)),
                "seq_len": int(r.data.params.get("model.seq_len", 0)),
                "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed")}
-        row.update({k[len("searched."):]: _num(v) for k, v in r.data.params.items() if k.startswith("searched.")})
+        row.update(searched_values(r))
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS, "params_total", "seconds",
                                                         "peak_mem_mb")})
         rows.append(row)
     return parent.info.run_id, pd.DataFrame(rows)
+
+
+def searched_values(run) -> dict[str, Any]:
+    """What the sampler or grid set for a trial: its `timevlm.searched` tag (runs before that tag existed logged
+    them as `searched.*` parameters)."""
+    tag = run.data.tags.get(tracking.SEARCHED_TAG)
+    if tag is not None:
+        return {k: _num(str(v)) if not isinstance(v, (int, float)) else v for k, v in json.loads(tag).items()}
+    return {k[len("searched."):]: _num(v) for k, v in run.data.params.items() if k.startswith("searched.")}
 
 
 def _num(v: str):

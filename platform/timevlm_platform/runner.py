@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 from mlflow.tracking import MlflowClient
@@ -24,7 +25,8 @@ from timevlm.data.files import resolve_data_dir
 from timevlm.data.windows import build_splits
 from timevlm.model.vlm.base import feature_dims
 from timevlm.errors import ConfigError
-from timevlm_platform import tracking
+from timevlm_platform import model_logging, tracking
+from timevlm_platform.console import PREFIX, TrialLines, quiet_driver
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import num_samples, param_space, scheduler, searcher
 from timevlm_platform.study import CELL_KEY, Cell, StudySpec
@@ -46,6 +48,7 @@ class RunOptions:
     experiment_name: str | None = None
     verbose: int = 1
     worker_max_failures: int = 2
+    optuna_storage: str | None = None  # Optuna RDB URL (default: optuna.db beside the MLflow store)
 
 
 def platform_home() -> Path:
@@ -140,10 +143,15 @@ def _fit_group(ctx: TrialContext, resume: bool, concurrency: int, verbose: int) 
             trainable, param_space=space,
             # reuse_actors: a finished trial's driver process takes the next trial, so a slot does not sit
             # idle while a new process starts and imports torch and mlflow (~6 s per trial, measured)
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
+                                        search_alg=searcher(spec, ctx.optuna_storage, ctx.optuna_study),
                                         scheduler=scheduler(spec), num_samples=num_samples(spec),
                                         max_concurrent_trials=concurrency, reuse_actors=True),
-            run_config=tune.RunConfig(name=ctx.run_name, storage_path=ctx.storage_path, verbose=verbose,
+            # Tune's own console (status tables every 30 s, each trial's config and results as boxes) is replaced
+            # by one line per finished trial; verbose=2 keeps Tune's output too
+            run_config=tune.RunConfig(name=ctx.run_name, storage_path=ctx.storage_path,
+                                      verbose=0 if verbose < 2 else verbose,
+                                      callbacks=[TrialLines(ctx)] if verbose else [],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     return trials_table(tuner.fit(), spec, cells)
 
@@ -158,14 +166,53 @@ def _trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str
                if r.info.end_time and r.info.end_time >= since * 1000)
 
 
-def _close_orphans(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
-    """Child runs still RUNNING after the cell ended were stopped by the scheduler: say so in MLflow."""
+def _close_stopped(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
+    """Child runs still RUNNING after their Tuner ended were stopped early by the scheduler (ASHA). That is a
+    normal outcome, not an error: the run is FINISHED, its name and description say at which epoch it stopped."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}' "
                                                              f"and attributes.status = 'RUNNING'")
     for run in runs:
+        epoch = int(run.data.metrics.get("epoch", 0))
+        outcome = f"stopped by ASHA at epoch {epoch}"
+        note = run.data.tags.get(tracking.DESCRIPTION_TAG, "")
         tracking.safe("close stopped trial", lambda: (
-            tracking.set_tags(client, run.info.run_id, {"stopped_by": "scheduler (ASHA early stop)"}),
-            client.set_terminated(run.info.run_id, "KILLED")))
+            tracking.set_tags(client, run.info.run_id, {
+                tracking.OUTCOME_TAG: outcome, "stopped_by": "scheduler (ASHA early stop)",
+                tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
+                                          f"worse part of the trials that reached that epoch."}),
+            client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]"),
+            client.set_terminated(run.info.run_id, "FINISHED")))
+
+
+def default_optuna_storage(tracking_uri: str, home: Path) -> str:
+    """Optuna's studies in an SQLite file beside the embedded MLflow store (or in the platform's home when MLflow
+    is a server), so `optuna-dashboard <url>` shows every searched study and --resume continues its sampler."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    return f"sqlite:///{home / 'optuna.db'}"
+
+
+def searcher_kind(spec: StudySpec) -> str:
+    return "optuna" if spec.searcher != "grid" and spec.search else "grid"
+
+
+def forget_optuna_study(storage: str, name: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:  # no such study yet
+        pass
+
+
+def study_description(spec: StudySpec) -> str:
+    cells = ", ".join(c.label for c in spec.cells())
+    how = (f"{spec.trials} trials per cell sampled by Optuna (TPE)" if searcher_kind(spec) == "optuna"
+           else "a grid" + (f" over {', '.join(spec.searched_keys)}" if spec.searched_keys else ""))
+    seeds = f", {spec.seeds} seeds each" if spec.seeds > 1 else ""
+    return (f"{spec.description or spec.name}\n\nCells: {cells}. Search: {how}{seeds}; at most {spec.epochs} epochs "
+            f"per trial; trials are compared on validation `{spec.metric}` only. This run's metrics are those of "
+            f"each cell's best trial (averaged over cells when there are several).")
 
 
 def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
@@ -190,7 +237,11 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         "study": spec.name, "searcher": spec.searcher, "trials": spec.trials, "epochs": spec.epochs,
         "datasets": ",".join(spec.datasets), "horizons": ",".join(map(str, spec.horizons)),
         "metric": spec.metric, "seed": spec.seed, "search": "; ".join(f"{p.key}~{p.kind}{p.args}" for p in spec.search),
-        **{f"fixed.{s}.{k}": v for s, vals in spec.fixed.items() for k, v in vals.items()}})
+        **{f"fixed.{s}.{k}": v for s, vals in spec.fixed.items() for k, v in vals.items()}},
+        tags={tracking.DESCRIPTION_TAG: study_description(spec), **tracking.source_tags()})
+    tracking.setup_experiment(client, experiment_id, study_description(spec), spec.metric, spec.searched_keys)
+    optuna_storage = opts.optuna_storage or os.environ.get("TIMEVLM_OPTUNA_STORAGE") or default_optuna_storage(
+        tracking_uri, home)
 
     # A trial stopped early by ASHA frees its Train workers asynchronously; the next trial's worker group
     # must be allowed to wait for them longer than Ray Train's default 60 s (inherited by a local cluster;
@@ -201,8 +252,11 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         # polls every second to see whether a trial's controller is alive. Without it every poll fails and
         # logs "Failed to query Ray Train Controller actor state" (about 100 lines per study), and a dead
         # controller's placement group would not be cleaned up.
+        # Ray's own INFO lines (Train controllers announcing each worker group, Data's executor plans) come
+        # from every worker process; WARNING keeps what needs a person's attention.
         ray.init(address=opts.address, include_dashboard=True if opts.address is None else None,
-                 log_to_driver=True)
+                 log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    quiet_driver()
     concurrency = _cluster_concurrency(spec)
     built = None
     if opts.use_feature_cache and opts.prebuild:
@@ -232,8 +286,12 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
                               f"continue it or --fresh to start it over")
         if exists and not opts.resume:
             shutil.rmtree(path, ignore_errors=True)
+        optuna_study = f"{exp_name}/{run_name}"
+        if not (exists and opts.resume) and searcher_kind(spec) == "optuna":
+            forget_optuna_study(optuna_storage, optuna_study)  # a fresh run's sampler starts from nothing
         ctx = TrialContext(spec, {c.label: c for c in group}, run_name, storage, tracking_uri, experiment_id,
-                           parent, data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures)
+                           parent, data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures,
+                           optuna_storage=optuna_storage, optuna_study=optuna_study)
         groups.append((ctx, exists and opts.resume))
 
     t_trials, t_fit = time.time(), time.perf_counter()
@@ -246,8 +304,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         fit = ray.remote(num_cpus=0, scheduling_strategy=here)(_fit_group)
         tables = ray.get([fit.remote(ctx, resume, concurrency, opts.verbose) for ctx, resume in groups])
     trials_wall = time.perf_counter() - t_fit
-    _close_orphans(client, experiment_id, parent)
-    bests = {}
+    _close_stopped(client, experiment_id, parent)
+    bests, registered = {}, []
     for (ctx, _), table in zip(groups, tables):
         cells = ctx.cells
         for label, cell in cells.items():
@@ -258,7 +316,9 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
             if len(ok):
                 best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
                 bests[label] = best
-                _tag_best(client, experiment_id, parent, spec, cell, best)
+                name = _tag_best(client, experiment_id, parent, spec, cell, best, many_cells=len(spec.cells()) > 1)
+                registered += [name] if name else []
+    _log_study_metrics(client, parent, spec, bests)
 
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     wall = time.perf_counter() - t_start
@@ -271,21 +331,55 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     _finish_parent(client, parent, table, usage)
     return {"table": table, "best": bests, "parent_run_id": parent, "experiment_id": experiment_id,
             "tracking_uri": tracking_uri, "wall_seconds": wall, "storage": storage, "usage": usage,
-            "prebuild": built, "log_failures": tracking.LogFailures.count}
+            "prebuild": built, "log_failures": tracking.LogFailures.count, "optuna_storage": optuna_storage,
+            "registered": registered}
 
 
-def _tag_best(client, experiment_id, parent, spec, cell, best) -> None:
+def _metric_values(best, keys) -> dict[str, float]:
+    return {k: float(best[k]) for k in keys
+            if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
+
+
+def _tag_best(client, experiment_id, parent, spec, cell, best, many_cells: bool) -> str | None:
+    """Mark a cell's best trial (by validation), register its model, and note it on the study's run; returns the
+    registered model's name."""
+    registered = None
     run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: best["trial"]})
     prefix = f"best.{cell.label.replace('-', '.')}"
     tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
     tags.update({f"{prefix}.{key}": best[key.split('.', 1)[-1]] for key in spec.searched_keys})
+    metrics = _metric_values(best, (spec.metric, "test_mse", "test_mae"))
     if run is not None:
         tags[f"{prefix}.run_id"] = run.info.run_id
         tracking.safe("tag best trial", lambda: tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"}))
+        model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+        if model_uri:
+            name = model_logging.registered_name(spec.name, cell.label)
+            version = tracking.safe("register best model", lambda: model_logging.register_best(
+                client, name, model_uri, run.info.run_id,
+                {**metrics, "trial": best["trial"], "study": spec.name, "cell": cell.label,
+                 **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}},
+                f"Best trial of study {spec.name} on {cell.label}, chosen on validation {spec.metric}."))
+            if version:
+                registered = name
+                tags[f"{prefix}.registered_model"] = f"{name}/{version}"
+                print(f"{PREFIX} registered {name} version {version} (alias @best): trial {best['trial']}, "
+                      f"model {model_uri}", flush=True)
     tracking.safe("tag study best", lambda: tracking.set_tags(client, parent, tags))
-    metrics = {f"best_{cell.label.replace('-', '_')}_{k}": best[k] for k in (spec.metric, "test_mse", "test_mae")
-               if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
-    tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, metrics))
+    if many_cells:  # the cell's own figures, grouped under its label in MLflow's charts
+        tracking.safe("log cell best", lambda: tracking.log_metrics(
+            client, parent, {f"{cell.label}/{k}": v for k, v in metrics.items()}))
+    return registered
+
+
+def _log_study_metrics(client, parent, spec, bests: dict) -> None:
+    """The study run's metrics carry the trials' names (best_val_mse, test_mse, test_mae), so the parent row of
+    the runs table fills the same columns: the best trial's values, averaged over cells when there are several
+    (the paper's "average over horizons" rows)."""
+    per_cell = [_metric_values(b, (spec.metric, "test_mse", "test_mae")) for b in bests.values()]
+    keys = set().union(*per_cell) if per_cell else set()
+    means = {k: float(np.mean([m[k] for m in per_cell if k in m])) for k in keys}
+    tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, means))
 
 
 def _finish_parent(client, parent, table: pd.DataFrame, usage: dict[str, float]) -> None:

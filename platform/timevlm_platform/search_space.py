@@ -63,13 +63,23 @@ class DistinctOptunaSearch(OptunaSearch):
         return cfg
 
 
-def searcher(spec: StudySpec) -> Searcher | None:
-    """Optuna TPE, seeded (None for grid studies: Tune's own variant generator walks the grid)."""
+def optuna_storage(url: str):
+    """An Optuna RDB storage; SQLite gets a lock timeout, since the Tuners of a study's cells write to one file."""
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def searcher(spec: StudySpec, storage: str | None = None, study_name: str | None = None) -> Searcher | None:
+    """Optuna TPE, seeded (None for grid studies: Tune's own variant generator walks the grid). With `storage`
+    every trial Optuna hands out and is told about is kept in that database under `study_name`."""
     if spec.searcher == "grid" or not spec.search:
         return None
     import optuna
 
-    return DistinctOptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    return DistinctOptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed), study_name=study_name,
+                                storage=optuna_storage(storage) if storage else None)
 
 
 def scheduler(spec: StudySpec) -> TrialScheduler:

@@ -5,7 +5,12 @@ it is reported loudly on stderr and counted, never swallowed silently and never 
 """
 from __future__ import annotations
 
+import functools
+import getpass
+import importlib.metadata
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +27,62 @@ ROLE_TAG = "timevlm.role"
 STUDY_TAG = "timevlm.study"
 TRIAL_TAG = "timevlm.trial_id"
 BEST_TAG = "timevlm.best_trial"
+MODEL_URI_TAG = "timevlm.model_uri"
+SEARCHED_TAG = "timevlm.searched"  # JSON of what the sampler/grid set for this trial (the params hold each once)
+OUTCOME_TAG = "timevlm.outcome"
+DESCRIPTION_TAG = "mlflow.note.content"  # MLflow's run/experiment description
+VIEW_KEY = "timevlm"  # ?viewStateShareKey=timevlm opens the experiment's runs with the study's columns
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    """The commit of the checkout the platform runs from (None in a copy without .git, e.g. a Ray job's
+    working_dir; set TIMEVLM_GIT_COMMIT there)."""
+    if os.environ.get("TIMEVLM_GIT_COMMIT"):
+        return os.environ["TIMEVLM_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                             capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source columns: what ran (the entry point), as which user, at which commit."""
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": Path(sys.argv[0]).name or "python",
+            "mlflow.user": getpass.getuser(), "timevlm.version": _version()}
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("timevlm-platform")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def setup_experiment(client: MlflowClient, experiment_id: str, description: str, metric: str,
+                     searched: list[str]) -> None:
+    """Make the experiment open as what it is: a model-training experiment (MLflow 3 otherwise opens an empty
+    GenAI overview), described, with a shared view whose runs table shows the columns a study is read by."""
+    columns = [f"metrics.`{m}`" for m in (metric, "test_mse", "test_mae")]
+    columns += [f"params.`{k}`" for k in searched] + ["attributes.`Models`", "attributes.`Dataset`"]
+    # Sorted by creation (MLflow's default): the UI nests trials under the study's run only in that order (sorted
+    # by a metric, parents and children are listed flat). The UI does not take expanded rows from a shared view.
+    view = {"selectedColumns": columns}
+    for key, value in {"mlflow.experimentKind": "custom_model_development", DESCRIPTION_TAG: description,
+                       f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}.items():
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The study's runs table in the MLflow UI. The UI's sidebar has a GenAI/model-training switch kept in the
+    browser (GenAI by default, which overrides the experiment's kind); `workflowType` in the URL sets it."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
 
 
 def default_tracking_uri(base: Path | None = None) -> str:
@@ -83,14 +144,15 @@ def find_run(client: MlflowClient, experiment_id: str, **tags: str):
     return runs[0] if runs else None
 
 
-def parent_run(client: MlflowClient, experiment_id: str, study: str, resume: bool, params: dict[str, Any]) -> str:
+def parent_run(client: MlflowClient, experiment_id: str, study: str, resume: bool, params: dict[str, Any],
+               tags: dict[str, str] | None = None) -> str:
     """The study's parent run: reused on --resume (no duplicate), new otherwise."""
     if resume:
         run = find_run(client, experiment_id, **{ROLE_TAG: "study", STUDY_TAG: study})
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
-    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study})
+    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **(tags or {})})
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 

@@ -1,6 +1,6 @@
 """`python tune.py visualize --run-id RUN`: look at what a trained trial sees and predicts.
 
-Downloads the trial's `model/` artifacts (best weights + experiment config) from MLflow, rebuilds the test
+Downloads the trial's logged MLflow model (its weights and resolved experiment config), rebuilds the test
 split, and saves (1) the VAL images of a few test windows, each with its three channels and its TAL prompt,
 and (2) forecast-vs-truth plots of those windows.
 """
@@ -11,12 +11,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
 from timevlm.config import ExperimentConfig
 from timevlm.data.registry import get_dataset
+from timevlm.errors import ConfigError
 from timevlm.experiment import prepare
 from timevlm.model.multimodal import MultimodalEncoder
 from timevlm_platform import tracking
@@ -29,10 +31,13 @@ def visualize(run_id: str, tracking_uri: str | None, out: str, n_windows: int = 
 
     uri = tracking_uri or tracking.default_tracking_uri(platform_home())
     client = MlflowClient(uri)
+    model_uri = client.get_run(run_id).data.tags.get(tracking.MODEL_URI_TAG)
+    if not model_uri:
+        raise ConfigError(f"run {run_id} has no logged model (tag {tracking.MODEL_URI_TAG}): did the trial finish?")
     with tempfile.TemporaryDirectory() as d:
-        local = Path(client.download_artifacts(run_id, "model", d))
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=d, tracking_uri=uri)) / "artifacts"
         exp = ExperimentConfig.from_dict(json.loads((local / "experiment.json").read_text()))
-        state = torch.load(local / "best_model.pt", weights_only=True)
+        state = torch.load(local / "weights.pt", weights_only=True)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, data_dir=data_dir or exp.data.data_dir),
                               train=dataclasses.replace(exp.train, cache_dir=cache_dir or exp.train.cache_dir))
     p = prepare(exp)

