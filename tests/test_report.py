@@ -1,6 +1,7 @@
 """`tune.py report` on a study whose MLflow runs are written here by hand (known values -> known table)."""
 from __future__ import annotations
 
+import json
 
 import pandas as pd
 import pytest
@@ -17,7 +18,9 @@ def _study_runs(uri, name, rows):
     parent = tracking.parent_run(c, exp, name, False, {})
     for i, (params, metrics) in enumerate(rows):
         rid = tracking.child_run(c, exp, parent, f"t{i}", f"t{i}", {})
-        tracking.log_params(c, rid, params)
+        searched = {k[len("searched."):]: v for k, v in params.items() if k.startswith("searched.")}
+        tracking.log_params(c, rid, {k: v for k, v in params.items() if not k.startswith("searched.")})
+        tracking.set_tags(c, rid, {tracking.SEARCHED_TAG: json.dumps(searched)})
         tracking.log_metrics(c, rid, metrics)
         tracking.finish(c, rid, True)
     return c, parent

@@ -2,12 +2,19 @@
 afterwards; then the same study resumed (nothing re-run, no duplicate run)."""
 from __future__ import annotations
 
+import json
+
+import mlflow
+import numpy as np
+import optuna
 import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
+from timevlm.config import DataConfig
+from timevlm.data.windows import build_splits
 from timevlm_platform import tracking
 from timevlm_platform.runner import RunOptions, run_study
 from timevlm_platform.study import load_study
@@ -51,14 +58,22 @@ def test_ray_workers_with_the_repo_as_working_dir_see_the_stdlib_platform(local_
     assert has_folder  # the worker really runs inside the repository copy
 
 
-def test_tiny_study_logs_every_trial_to_mlflow(local_ray, tmp_path, shared_cache):
+@pytest.fixture(scope="module")
+def tiny_study(local_ray, tmp_path_factory, shared_cache):
+    """The tiny Optuna study, run once for the tests that check what it left in MLflow (and in a browser)."""
+    tmp_path = tmp_path_factory.mktemp("tiny_study")
     study_file = tmp_path / "e2e.yaml"
     study_file.write_text(yaml.safe_dump(STUDY))
     spec = load_study(str(study_file))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     opts = RunOptions(tracking_uri=uri, storage_path=str(tmp_path / "ray_results"), cache_dir=shared_cache,
                       verbose=0)
-    out = run_study(spec, opts)
+    return spec, opts, run_study(spec, opts), tmp_path
+
+
+def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
+    spec, opts, out, tmp_path = tiny_study
+    uri = opts.tracking_uri
 
     table = out["table"]
     assert len(table) == 3 and (table["status"] == "DONE").all(), table
@@ -73,24 +88,59 @@ def test_tiny_study_logs_every_trial_to_mlflow(local_ray, tmp_path, shared_cache
     for c in children:
         p = c.data.params
         assert p["model.seq_len"] == "48" and p["data.dataset"] == "ETTh1" and p["model.pred_len"] == "24"
-        assert p["searched.model.norm_const"] in ("0.1", "0.4", "1.0")
+        # resolved, each once: the dataset's real n_vars and period, nothing logged twice or about paths
+        assert p["model.n_vars"] == "7" and p["model.periodicity"] == "24" and "Electricity" in p[
+            "model.dataset_description"]
+        assert not [k for k in p if k.startswith("searched.") or k in ("train.progress", "data.data_dir")]
+        searched = json.loads(c.data.tags[tracking.SEARCHED_TAG])
+        assert searched["model.norm_const"] in (0.1, 0.4, 1.0) and p["model.norm_const"] == str(searched[
+            "model.norm_const"])
+        assert "This trial sets" in c.data.tags["mlflow.note.content"] and "`model.norm_const` =" in c.data.tags[
+            "mlflow.note.content"]
+        assert c.data.tags["mlflow.source.name"] and c.data.tags.get("mlflow.source.git.commit")
+        assert {(d.dataset.name, d.tags[0].value) for d in c.inputs.dataset_inputs} == {
+            ("ETTh1-train", "train"), ("ETTh1-val", "val"), ("ETTh1-test", "test")}
+        assert c.data.tags[tracking.MODEL_URI_TAG].startswith("models:/")
         hist = client.get_metric_history(c.info.run_id, "val_mse")
         assert [m.step for m in hist] == [1, 2]  # one point per epoch
         assert len(client.get_metric_history(c.info.run_id, "train_loss")) == 2
         assert {"test_mse", "test_mae", "params_total"} <= set(c.data.metrics)
-        arts = {a.path for a in client.list_artifacts(c.info.run_id)}
-        assert {"model", "plots"} <= arts
+        assert {a.path for a in client.list_artifacts(c.info.run_id)} == {"plots"}
     best = [c for c in children if c.data.tags.get(tracking.BEST_TAG) == "true"]
     assert len(best) == 1
     assert best[0].data.metrics["best_val_mse"] == min(c.data.metrics["best_val_mse"] for c in children)
     assert parents[0].data.tags["best.ETTh1.24.run_id"] == best[0].info.run_id
+    # the study's row carries the trials' metric names: the best trial's values
+    for k in ("best_val_mse", "test_mse", "test_mae"):
+        assert parents[0].data.metrics[k] == pytest.approx(best[0].data.metrics[k])
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # Optuna really sampled, and no configuration was handed out twice
-    assert len({tuple(sorted(c.data.params[k] for k in c.data.params if k.startswith("searched."))) for c in children}) == 3
+    assert len({c.data.tags[tracking.SEARCHED_TAG] for c in children}) == 3
+    # ... and its study is in the SQLite file beside the MLflow store, every finished trial told
+    study = optuna.load_study(study_name="timevlm-e2e/e2e-ETTh1-24", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
+    assert study.best_value == pytest.approx(best[0].data.metrics["best_val_mse"])
 
-    # resuming a finished study re-runs nothing and makes no new MLflow runs
+    # the best trial's model is registered; loaded as a pyfunc it forecasts raw test windows, and its error
+    # on every test window is the trial's logged test MSE
+    mv = client.get_model_version_by_alias("timevlm-e2e-ETTh1-24", "best")
+    assert mv.run_id == best[0].info.run_id and float(mv.tags["test_mse"]) == pytest.approx(
+        best[0].data.metrics["test_mse"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/timevlm-e2e-ETTh1-24@best")
+    test = build_splits(DataConfig(dataset="ETTh1", max_windows=96), 48, 24)["test"]
+    idx = np.arange(len(test))
+    pred = model.predict(test.scaler.inverse(test.inputs(idx).numpy()).astype(np.float32))
+    true = np.stack([test.window(int(i))[1] for i in idx])
+    assert pred.shape == (len(test), 24, 7)
+    assert np.mean((test.scaler.transform(pred.reshape(-1, 7)).reshape(pred.shape) - true) ** 2) == pytest.approx(
+        best[0].data.metrics["test_mse"], rel=1e-3)
+
+    # resuming a finished study re-runs nothing and makes no new MLflow runs or model versions
     again = run_study(spec, RunOptions(**{**opts.__dict__, "resume": True}))
     assert len(again["table"]) == 3 and again["parent_run_id"] == out["parent_run_id"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    assert [str(v.version) for v in client.search_model_versions("name = 'timevlm-e2e-ETTh1-24'")] == ["1"]
 
 
 def test_variant_study_runs_each_variant_with_its_settings(local_ray, tmp_path, shared_cache):
@@ -106,7 +156,7 @@ def test_variant_study_runs_each_variant_with_its_settings(local_ray, tmp_path, 
     assert sorted(out["table"]["variant"]) == ["full", "w/o VAL"] and (out["table"]["status"] == "DONE").all()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("timevlm-e2e-variants")
-    children = {c.data.params["searched.variant"]: c for c in client.search_runs([exp.experiment_id])
+    children = {c.data.params["variant"]: c for c in client.search_runs([exp.experiment_id])
                 if c.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]}
     assert children["full"].data.params["model.use_val"] == "True"
     assert children["w/o VAL"].data.params["model.use_val"] == "False"
@@ -191,3 +241,72 @@ def test_cells_of_a_searched_study_run_side_by_side(local_ray, tmp_path, shared_
     run at the same time, so two cells x one trial on a 2-CPU Ray overlap too; each cell gets its best."""
     study = {**STUDY, "name": "e2e-optuna-cells", "horizons": [24, 12], "budget": {"trials": 1, "epochs": 1}}
     _two_cells_at_once(tmp_path, shared_cache, study, ["e2e-optuna-cells-ETTh1-24", "e2e-optuna-cells-ETTh1-12"])
+
+
+def test_data_parallel_trial_trains_one_model_on_disjoint_shards(local_ray, tmp_path, shared_cache):
+    """`workers_per_trial: 2`: one trial, two Ray Train workers (DDP over gloo on this CPU). The ranks saw
+    disjoint halves of the training windows, ended with identical weights, and MLflow got one run with one
+    metric point per epoch (rank 1 logs nothing)."""
+    study = {**STUDY, "name": "e2e-ddp", "search": {}, "searcher": "grid", "budget": {"trials": 1, "epochs": 2},
+             "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}}
+    study_file = tmp_path / "ddp.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_study(load_study(str(study_file)), RunOptions(
+        tracking_uri=uri, storage_path=str(tmp_path / "ray_results"), cache_dir=shared_cache, verbose=0))
+    assert (out["table"]["status"] == "DONE").all() and len(out["table"]) == 1
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("timevlm-e2e-ddp")
+    kids = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
+    assert len(kids) == 1
+    run = kids[0]
+    local = client.download_artifacts(run.info.run_id, "data_parallel.json", str(tmp_path))
+    ranks = json.loads(open(local).read())
+    assert [r["rank"] for r in ranks] == [0, 1]
+    a, b = (set(r["train_windows"]) for r in ranks)
+    assert a and len(a) == len(b) and not a & b  # disjoint shards of equal size
+    train = build_splits(DataConfig(dataset="ETTh1", max_windows=96), 48, 24)["train"]
+    assert a | b <= set(train.starts.tolist()) and len(a | b) == len(train) // 2 * 2
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # one model, kept identical by DDP
+    assert run.data.tags["data_parallel.weights_identical"] == "True"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")] == [1, 2]
+    assert "test_mse" in run.data.metrics
+
+
+def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
+    """The tiny study's store served by a real `mlflow server`, opened in headless Chromium at the link tune.py
+    prints: the experiment's runs with the study's columns, the parent run over its nested trials; the
+    registered model and a trial's forecast plot render."""
+    from browser import chromium_page, mlflow_server, why_no_browser
+
+    if why := why_no_browser():
+        pytest.skip(why)
+    spec, opts, out, _ = tiny_study
+    client = MlflowClient(opts.tracking_uri)
+    kids = [r for r in client.search_runs([out["experiment_id"]])
+            if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
+    # wide enough for every column: the runs table renders only the columns in view
+    with mlflow_server(opts.tracking_uri, tmp_path / "server.log") as base, chromium_page(2600) as page:
+        page.goto(tracking.experiment_url(base, out["experiment_id"]))
+        parent = page.get_by_role("link", name=spec.name, exact=True).first  # the study's run, its trials nested
+        parent.locator("xpath=ancestor::div[@role='gridcell']").locator(
+            "button[data-component-id*='runnamecellrenderer']").click()  # its expander
+        for kid in kids:
+            page.get_by_role("link", name=kid.info.run_name, exact=True).first.wait_for()
+        for column in ("metrics.`best_val_mse`", "metrics.`test_mse`", "params.`model.norm_const`"):  # the view's
+            page.locator(f"[role=columnheader][col-id='{column}']").first.wait_for()
+        page.screenshot(path=str(tmp_path / "runs.png"))
+
+        page.goto(f"{base}/#/models/timevlm-e2e-ETTh1-24")
+        page.get_by_text("Version 1").first.wait_for()
+        page.get_by_text("best").first.wait_for()  # the alias
+        page.screenshot(path=str(tmp_path / "model.png"))
+
+        best = next(k for k in kids if k.data.tags.get(tracking.BEST_TAG) == "true")
+        page.goto(f"{base}/#/experiments/{out['experiment_id']}/runs/{best.info.run_id}/artifacts/plots/"
+                  "forecast_test.png?workflowType=machine_learning")
+        img = page.locator("img[src*='forecast_test.png'], img[src^='blob:']").first
+        img.wait_for()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 200", arg=img.element_handle())
+        page.screenshot(path=str(tmp_path / "plot.png"))

@@ -1,0 +1,56 @@
+"""Optuna's state in a database: what a searched study's sampler knows survives the driver (Tune pickles the
+searcher into its experiment checkpoint and restores it on --resume; the trials themselves live in the DB)."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from timevlm_platform.runner import default_optuna_storage, forget_optuna_study
+from timevlm_platform.search_space import param_space, searcher
+from timevlm_platform.study import parse_study
+
+SPEC = parse_study({"name": "opt", "seed": 3, "budget": {"trials": 6, "epochs": 1},
+                    "search": {"model.d_model": {"type": "choice", "values": [16, 32, 64, 128]},
+                               "model.norm_const": {"type": "choice", "values": [0.1, 0.4, 0.7, 1.0]}}})
+
+
+def _searcher(url):
+    s = searcher(SPEC, url, "timevlm-opt/opt-ETTh1-96")
+    s.set_search_properties("best_val_mse", "min", param_space(SPEC))
+    return s
+
+
+def _complete(s, trial_id: str, value: float) -> dict:
+    cfg = s.suggest(trial_id)
+    s.on_trial_complete(trial_id, {"best_val_mse": value, **cfg})
+    return cfg
+
+
+def test_resumed_searcher_continues_from_every_finished_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = _searcher(url)
+    handed = [_complete(first, f"t{i}", 1.0 - 0.1 * i) for i in range(2)]
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's checkpoint of the searcher, taken here
+    handed.append(_complete(first, "t2", 0.5))  # ... and one more trial finishes before the driver dies
+
+    resumed = _searcher(url)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    done = resumed._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(done) == 3  # the DB has every finished trial, including the one after the checkpoint
+    assert resumed._ot_study.best_value == pytest.approx(0.5)
+    nxt = _complete(resumed, "t3", 0.2)
+    study = optuna.load_study(study_name="timevlm-opt/opt-ETTh1-96", storage=url)  # what optuna-dashboard reads
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 4
+    assert study.best_params == {"model.d_model": nxt["model.d_model"], "model.norm_const": nxt["model.norm_const"]}
+    assert nxt not in handed[:2]  # the restored searcher still does not hand out a configuration twice
+
+
+def test_fresh_run_forgets_the_old_study_and_default_lives_beside_mlflow(tmp_path):
+    url = default_optuna_storage(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", tmp_path / "home")
+    assert url == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    assert default_optuna_storage("http://mlflow:5000", tmp_path) == f"sqlite:///{tmp_path / 'optuna.db'}"
+    (tmp_path / "mlruns").mkdir()
+    _complete(_searcher(url), "t0", 1.0)
+    forget_optuna_study(url, "timevlm-opt/opt-ETTh1-96")
+    forget_optuna_study(url, "timevlm-opt/opt-ETTh1-96")  # forgetting a study that is not there is fine
+    assert _searcher(url)._ot_study.trials == []
