@@ -53,6 +53,14 @@ def quiet_worker() -> None:
     bars there are interleaved from several processes into the driver's console and say nothing a person
     needs (weights load in well under a second from local files); the study's own lines report progress."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Validating input example ..." per logged model
+    try:  # Train V2 logs every ray.train.report at INFO on a logger named by its file path, outside `ray.train`
+        # (so the run's LoggingConfig does not reach it): "Reporting training result N: TrainingReport(...)"
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     try:
         from transformers.utils import logging as hf_logging
 
@@ -61,10 +69,26 @@ def quiet_worker() -> None:
         pass
 
 
-def quiet_driver() -> None:
-    """The driver's console: Optuna logs a line per study it creates or loads (one per cell) and Ray Data one
-    block per 10 s of the feature build (a progress bar replaces it)."""
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_driver(verbose: int = 1) -> None:
+    """The driver's console: Optuna logs a line per study it creates or loads (one per cell); Ray Data logs its
+    plan at INFO and, because the feature build turns its bars off for our own bar, a warning that they are
+    off; Tune's console (a configuration box, status tables every 30 s, each trial's config and result as
+    boxes) is Tune's "new output" engine, whose verbose=0 still prints the boxes: the classic one is silent."""
     import optuna
 
+    if verbose >= 2:
+        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # a logger's filters see only the records logged on it, not its children's: filter where it is logged
+    logging.getLogger("ray.data._internal.progress").addFilter(_DropMessage("Progress bars disabled"))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -45,6 +45,7 @@ class TrialContext:
     worker_max_failures: int = 2
     optuna_storage: str | None = None  # RDB URL of Optuna's studies (None: in memory)
     optuna_study: str = ""  # this Tuner's Optuna study name in that storage
+    quiet: bool = True  # Ray Train's own INFO lines off (tune.py -v turns them on)
 
     def cell_of(self, config: dict[str, Any]) -> Cell:
         return self.cells[config[CELL_KEY]] if CELL_KEY in config else next(iter(self.cells.values()))
@@ -120,6 +121,9 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
             name=f"{ctx.run_name}-{trial_id}", storage_path=f"{ctx.storage_path}/train_runs",
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=ctx.worker_max_failures),
+            # Train's controller and workers log every worker-group start, process group, checkpoint and
+            # report at INFO (about ten lines per epoch per trial); the study prints one line per trial
+            logging_config=ray.LoggingConfig(log_level="WARNING" if ctx.quiet else "INFO"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     try:

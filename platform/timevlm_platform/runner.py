@@ -150,7 +150,7 @@ def _fit_group(ctx: TrialContext, resume: bool, concurrency: int, verbose: int) 
             # Tune's own console (status tables every 30 s, each trial's config and results as boxes) is replaced
             # by one line per finished trial; verbose=2 keeps Tune's output too
             run_config=tune.RunConfig(name=ctx.run_name, storage_path=ctx.storage_path,
-                                      verbose=0 if verbose < 2 else verbose,
+                                      verbose=0 if verbose < 2 else 2,
                                       callbacks=[TrialLines(ctx)] if verbose else [],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     return trials_table(tuner.fit(), spec, cells)
@@ -256,7 +256,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         # from every worker process; WARNING keeps what needs a person's attention.
         ray.init(address=opts.address, include_dashboard=True if opts.address is None else None,
                  log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
-    quiet_driver()
+    quiet_driver(opts.verbose)
     concurrency = _cluster_concurrency(spec)
     built = None
     if opts.use_feature_cache and opts.prebuild:
@@ -291,7 +291,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
             forget_optuna_study(optuna_storage, optuna_study)  # a fresh run's sampler starts from nothing
         ctx = TrialContext(spec, {c.label: c for c in group}, run_name, storage, tracking_uri, experiment_id,
                            parent, data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures,
-                           optuna_storage=optuna_storage, optuna_study=optuna_study)
+                           optuna_storage=optuna_storage, optuna_study=optuna_study, quiet=opts.verbose < 2)
         groups.append((ctx, exists and opts.resume))
 
     t_trials, t_fit = time.time(), time.perf_counter()
