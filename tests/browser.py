@@ -1,14 +1,9 @@
-"""A real `mlflow server` on a test's store and a headless Chromium driven by Playwright (for the UI test)."""
+"""A headless Chromium driven by Playwright (for the MLflow UI test)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
@@ -30,40 +25,6 @@ def why_no_browser() -> str | None:
     if chromium_path() is None:
         return "no Chromium found (apt-get install chromium, or set TIMEVLM_CHROMIUM; .ci/run installs it)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, log: Path, timeout_s: float = 90):
-    """`mlflow server` on the store, on a free local port; yields its base URL and stops it afterwards."""
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not come up on {base}: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager

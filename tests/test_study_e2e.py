@@ -278,7 +278,8 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
     """The tiny study's store served by a real `mlflow server`, opened in headless Chromium at the link tune.py
     prints: the experiment's runs with the study's columns, the parent run over its nested trials; the
     registered model and a trial's forecast plot render."""
-    from browser import chromium_page, mlflow_server, why_no_browser
+    from browser import chromium_page, why_no_browser
+    from mlflow_server import mlflow_server
 
     if why := why_no_browser():
         pytest.skip(why)

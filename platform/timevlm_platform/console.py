@@ -53,6 +53,8 @@ def quiet_worker() -> None:
     bars there are interleaved from several processes into the driver's console and say nothing a person
     needs (weights load in well under a second from local files); the study's own lines report progress."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # with a tracking server, MLflow prints "View run <name> at: <url>" each time a run is ended
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Validating input example ..." per logged model
     try:  # Train V2 logs every ray.train.report at INFO on a logger named by its file path, outside `ray.train`
         # (so the run's LoggingConfig does not reach it): "Reporting training result N: TrainingReport(...)"

@@ -19,6 +19,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from timevlm.config import ExperimentConfig
 from timevlm.experiment import resolve_model_config
 from timevlm_platform import tracking
+from timevlm_platform.console import quiet_worker
+from timevlm_platform.spool import DurableRun
 from timevlm_platform.study import CELL_KEY, VARIANT_KEY, Cell, StudySpec
 from timevlm_platform.worker import diverged_reason, train_worker
 
@@ -46,6 +48,8 @@ class TrialContext:
     optuna_storage: str | None = None  # RDB URL of Optuna's studies (None: in memory)
     optuna_study: str = ""  # this Tuner's Optuna study name in that storage
     quiet: bool = True  # Ray Train's own INFO lines off (tune.py -v turns them on)
+    spool_root: str | None = None  # where MLflow calls wait while the server is away (spool.DurableRun)
+    tracking_wait_s: float = 300.0  # how long a trial waits for the server to create its run / send its journal
 
     def cell_of(self, config: dict[str, Any]) -> Cell:
         return self.cells[config[CELL_KEY]] if CELL_KEY in config else next(iter(self.cells.values()))
@@ -87,6 +91,7 @@ def trial_description(spec: StudySpec, cell: Cell, exp: ExperimentConfig, search
 
 
 def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
+    quiet_worker()
     tctx = ray.tune.get_context()
     trial_id = tctx.get_trial_id()
     spec = ctx.spec
@@ -101,18 +106,22 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
                                   num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
     client = MlflowClient(ctx.tracking_uri)
     searched = {k: v for k, v in config.items() if k != CELL_KEY}
-    run_id = tracking.safe("create trial run", lambda: tracking.child_run(
+    # A run needs the server to exist (its id is the server's): wait for it, then log through a journal
+    run_id = tracking.wait_for("create trial run", ctx.tracking_wait_s, lambda: tracking.child_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, trial_run_name(cell, config, trial_id),
         {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
          tracking.STUDY_TAG: spec.name, tracking.SEARCHED_TAG: json.dumps(searched, default=str),
          tracking.DESCRIPTION_TAG: trial_description(spec, cell, exp, searched),
          "data_dir": ctx.data_dir, "feature_cache": ctx.cache_dir, **tracking.source_tags()}))
-    if run_id:
-        tracking.safe("log trial params", lambda: tracking.log_params(client, run_id, resolved_params(exp, searched)))
+    run = DurableRun(client, run_id, ctx.spool_root) if run_id else None
+    if run is not None:
+        run.log_params(resolved_params(exp, searched))
     res = spec.resources
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"experiment": exp.to_dict(), "tracking_uri": ctx.tracking_uri, "run_id": run_id},
+        train_loop_config={"experiment": exp.to_dict(), "tracking_uri": ctx.tracking_uri, "run_id": run_id,
+                           # a trial's end waits briefly for an away server; the study's end waits longer
+                           "spool_root": ctx.spool_root, "flush_timeout_s": min(ctx.tracking_wait_s, 20.0)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker,
@@ -129,13 +138,15 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         result = trainer.fit()
     except Exception as e:
-        if run_id:
-            tracking.safe("mark trial failed", lambda: tracking.finish(client, run_id, False, f"{type(e).__name__}: {e}"))
+        if run is not None:
+            run.set_tags({"failure_reason": f"{type(e).__name__}: {e}"})
+            run.terminate(False)
         raise
     reason = diverged_reason(result.checkpoint)
     if reason:
-        if run_id:
-            tracking.safe("mark trial diverged", lambda: tracking.finish(client, run_id, False, f"diverged: {reason}"))
+        if run is not None:
+            run.set_tags({"failure_reason": f"diverged: {reason}"})
+            run.terminate(False)
         raise TrialDiverged(reason)
-    if run_id:
-        tracking.safe("finish trial run", lambda: tracking.finish(client, run_id, True))
+    if run is not None:
+        run.terminate(True)

@@ -26,3 +26,12 @@ def nan_after_epoch(flat_config: dict[str, Any]) -> int | None:
     if all(str(flat_config.get(k)) == str(v) for k, v in when.items()):
         return int(spec["nan_after_epoch"])
     return None
+
+
+def slow_epoch() -> None:
+    """{"epoch_sleep_s": S}: every epoch ends S seconds later (tests time an MLflow outage into a trial)."""
+    seconds = float(_spec().get("epoch_sleep_s", 0))
+    if seconds:
+        import time
+
+        time.sleep(seconds)

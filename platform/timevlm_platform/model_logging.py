@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
+import mlflow.pyfunc
 import numpy as np
 import torch
-from mlflow.models import Model, infer_signature
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import timevlm
@@ -38,8 +38,9 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def log_forecast_model(run_id: str, p: Prepared, model: torch.nn.Module) -> str:
-    """Log the trained model of a trial run as an MLflow pyfunc; returns its model URI (models:/<id>)."""
+def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path:
+    """Save a trial's trained model as an MLflow pyfunc folder at `dest` (published to the run by
+    spool.DurableRun.log_model, so that a tracking server away at that moment delays it, not loses it)."""
     test = p.splits["test"]
     example = test.scaler.inverse(test.inputs(np.arange(min(2, len(test)))).numpy()).astype(np.float32)
     with torch.inference_mode():
@@ -59,14 +60,14 @@ def log_forecast_model(run_id: str, p: Prepared, model: torch.nn.Module) -> str:
         (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
         (d / "scaler.json").write_text(json.dumps({"mean": test.scaler.mean.tolist(),
                                                    "std": test.scaler.std.tolist()}))
-        info = Model.log(
-            None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(PYFUNC_FILE),
+        mlflow.pyfunc.save_model(
+            str(dest), python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(d / "weights.pt"), "experiment": str(d / "experiment.json"),
                        "scaler": str(d / "scaler.json")},
             code_paths=[str(Path(timevlm.__file__).parent)],
             signature=infer_signature(example, out), input_example=example,
             pip_requirements=pip_requirements(), metadata=meta)
-    return info.model_uri
+    return dest
 
 
 def registered_name(study: str, cell_label: str) -> str:

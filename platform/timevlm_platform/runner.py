@@ -25,8 +25,8 @@ from timevlm.data.files import resolve_data_dir
 from timevlm.data.windows import build_splits
 from timevlm.model.vlm.base import feature_dims
 from timevlm.errors import ConfigError
-from timevlm_platform import model_logging, tracking
-from timevlm_platform.console import PREFIX, TrialLines, quiet_driver
+from timevlm_platform import cluster_checks, model_logging, spool, tracking
+from timevlm_platform.console import PREFIX, TrialLines, quiet_driver, quiet_worker
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import num_samples, param_space, scheduler, searcher
 from timevlm_platform.study import CELL_KEY, Cell, StudySpec
@@ -49,6 +49,7 @@ class RunOptions:
     verbose: int = 1
     worker_max_failures: int = 2
     optuna_storage: str | None = None  # Optuna RDB URL (default: optuna.db beside the MLflow store)
+    tracking_wait_s: float = 300.0  # how long to wait for an away MLflow server before giving up on a call
 
 
 def platform_home() -> Path:
@@ -83,6 +84,8 @@ def preflight(spec: StudySpec, data_dir: str) -> None:
 
 def _cluster_concurrency(spec: StudySpec) -> int:
     res = spec.resources
+    cluster_checks.check_trial_fits(spec.name, res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker,
+                                    cluster_checks.alive_nodes())
     total = ray.cluster_resources()
     by_cpu = int(total.get("CPU", 1) // max(res.workers_per_trial * res.cpus_per_worker, 1))
     limit = by_cpu
@@ -92,6 +95,25 @@ def _cluster_concurrency(spec: StudySpec) -> int:
         raise ConfigError(f"study {spec.name}: the cluster ({total}) cannot fit one trial "
                           f"({res.workers_per_trial} workers x {res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU)")
     return min(limit, res.max_concurrent) if res.max_concurrent else limit
+
+
+def _node_inputs(spec: StudySpec, data_dir: str, cache_dir: str, opts: RunOptions):
+    """What every node must have: the study's data files, a writable feature cache, the VLM variants' weights."""
+    from timevlm.data.files import dataset_path
+    from timevlm.data.registry import get_dataset
+
+    paths = {}
+    for name in sorted({d for c in spec.cells() for d in (c.dataset, c.test_dataset) if d}):
+        try:
+            paths[f"{name} data file"] = str(dataset_path(get_dataset(name), data_dir))
+        except Exception:  # noqa: BLE001 - datasets of several files (M4) are checked by their loader
+            paths[f"{name} data dir"] = data_dir
+    base = spec.experiment(spec.cells()[0].dataset, spec.cells()[0].horizon, {}, spec.cells()[0].test_dataset)
+    if opts.use_feature_cache and base.train.cache_fallback != "memory":
+        paths["writable feature cache dir"] = cache_dir
+    vlms = next((p.args.get("values") for p in spec.search if p.key == "model.vlm"), None) or [base.model.vlm]
+    configs = [{"vlm": v, "vlm_path": base.model.vlm_path} for v in vlms] if base.model.model == "timevlm" else []
+    return paths, configs
 
 
 def trials_table(results: tune.ResultGrid, spec: StudySpec, cells: dict[str, Cell]) -> pd.DataFrame:
@@ -184,6 +206,31 @@ def _close_stopped(client: MlflowClient, experiment_id: str, parent_id: str) -> 
             client.set_terminated(run.info.run_id, "FINISHED")))
 
 
+def tracking_spool_root(storage: str, parent_run_id: str) -> str:
+    """Where a study's MLflow calls wait while the server is away: beside its Ray results (shared storage on a
+    cluster, so the driver can send what a worker node left), else a local temporary folder."""
+    if "://" in storage:
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "timevlm-tracking-spool" / parent_run_id)
+    return str(Path(storage) / "tracking_spool" / parent_run_id)
+
+
+def _deliver_journals(client: MlflowClient, parent: str, root: str, timeout_s: float) -> dict[str, int]:
+    """The end of the study: send what trials journaled while MLflow was away, and say how it went."""
+    left = spool.flush_all(client, root, timeout_s)
+    delayed, waiting = spool.delayed_counts(root)
+    if delayed or waiting:
+        how = ("all sent" if not waiting else
+               f"{waiting} still waiting in {root} (MLflow did not answer for {timeout_s:.0f}s; runs "
+               f"{', '.join(r[:8] for r in left)}; --resume sends them)")
+        print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
+              file=sys.stderr if waiting else sys.stdout, flush=True)
+    tracking.safe("log tracking delivery", lambda: tracking.log_metrics(
+        client, parent, {"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting}))
+    return {"delayed": delayed, "waiting": waiting}
+
+
 def default_optuna_storage(tracking_uri: str, home: Path) -> str:
     """Optuna's studies in an SQLite file beside the embedded MLflow store (or in the platform's home when MLflow
     is a server), so `optuna-dashboard <url>` shows every searched study and --resume continues its sampler."""
@@ -242,11 +289,13 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     tracking.setup_experiment(client, experiment_id, study_description(spec), spec.metric, spec.searched_keys)
     optuna_storage = opts.optuna_storage or os.environ.get("TIMEVLM_OPTUNA_STORAGE") or default_optuna_storage(
         tracking_uri, home)
+    spool_root = tracking_spool_root(storage, parent)
 
     # A trial stopped early by ASHA frees its Train workers asynchronously; the next trial's worker group
     # must be allowed to wait for them longer than Ray Train's default 60 s (inherited by a local cluster;
     # on a real cluster set it in the job's runtime env, see cluster/runtime_env.yaml).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    quiet_worker()  # before Ray starts: a local cluster's workers inherit these settings
     if not ray.is_initialized():
         # The local Ray starts with its dashboard: it serves the State API that Train V2's PlacementGroupCleaner
         # polls every second to see whether a trial's controller is alive. Without it every poll fails and
@@ -258,6 +307,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
                  log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
     quiet_driver(opts.verbose)
     concurrency = _cluster_concurrency(spec)
+    cluster_checks.check_nodes_have_inputs(spec.name, *_node_inputs(spec, data_dir, cache_dir, opts),
+                                           cluster_checks.alive_nodes())
     built = None
     if opts.use_feature_cache and opts.prebuild:
         from timevlm_platform.prebuild import prebuild_features
@@ -291,7 +342,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
             forget_optuna_study(optuna_storage, optuna_study)  # a fresh run's sampler starts from nothing
         ctx = TrialContext(spec, {c.label: c for c in group}, run_name, storage, tracking_uri, experiment_id,
                            parent, data_dir, cache_dir, opts.use_feature_cache, opts.worker_max_failures,
-                           optuna_storage=optuna_storage, optuna_study=optuna_study, quiet=opts.verbose < 2)
+                           optuna_storage=optuna_storage, optuna_study=optuna_study, quiet=opts.verbose < 2,
+                           spool_root=spool_root, tracking_wait_s=opts.tracking_wait_s)
         groups.append((ctx, exists and opts.resume))
 
     t_trials, t_fit = time.time(), time.perf_counter()
@@ -304,6 +356,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         fit = ray.remote(num_cpus=0, scheduling_strategy=here)(_fit_group)
         tables = ray.get([fit.remote(ctx, resume, concurrency, opts.verbose) for ctx, resume in groups])
     trials_wall = time.perf_counter() - t_fit
+    delivery = _deliver_journals(client, parent, spool_root, opts.tracking_wait_s)
     _close_stopped(client, experiment_id, parent)
     bests, registered = {}, []
     for (ctx, _), table in zip(groups, tables):
@@ -332,6 +385,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     return {"table": table, "best": bests, "parent_run_id": parent, "experiment_id": experiment_id,
             "tracking_uri": tracking_uri, "wall_seconds": wall, "storage": storage, "usage": usage,
             "prebuild": built, "log_failures": tracking.LogFailures.count, "optuna_storage": optuna_storage,
+            "tracking_delivery": delivery,
             "registered": registered}
 
 

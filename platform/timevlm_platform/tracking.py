@@ -119,6 +119,23 @@ def safe(what: str, fn: Callable[[], T], retries: int = 5) -> T | None:
     return None
 
 
+def wait_for(what: str, timeout_s: float, fn: Callable[[], T]) -> T | None:
+    """Retry an MLflow call that cannot be journaled (creating a run: its id comes from the server) until it
+    succeeds or timeout_s passes; then say so on stderr and return None."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if time.monotonic() + delay > deadline:
+                LogFailures.count += 1
+                print(f"[timevlm-platform] WARNING: MLflow {what} failed for {timeout_s:.0f}s: {e!r}",
+                      file=sys.stderr, flush=True)
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail at start, not after an hour of training, if the tracking store cannot be used."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,8 +26,9 @@ from timevlm.training import (
     fit,
     peak_memory_mb,
 )
-from timevlm_platform import faults, model_logging, tracking
+from timevlm_platform import faults, model_logging
 from timevlm_platform.console import quiet_worker
+from timevlm_platform.spool import DurableRun
 from timevlm_platform.plots import forecast_plot
 
 STATE_FILE = "train_state.pt"
@@ -96,11 +98,10 @@ def _report_divergence(rank: int, last: dict, reason: str) -> None:
                           "diverged": 1, "failure": reason}, checkpoint=ckpt)
 
 
-def _log_datasets(client: MlflowClient, run_id: str, p: Prepared) -> None:
+def _dataset_inputs(p: Prepared) -> list[dict]:
     """The run's Dataset column: each split (train/val/test context) with its source file and a digest of the
     exact scaled values and window starts it trained or was scored on (changes with seq_len, percent, edits)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.entities import DatasetInput, InputTag
 
     from timevlm.data.files import dataset_path
     from timevlm.data.registry import get_dataset
@@ -119,17 +120,22 @@ def _log_datasets(client: MlflowClient, run_id: str, p: Prepared) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             src = resolve_dataset_source(source) if source else None
         ds = mlflow.data.from_numpy(split.values, source=src, name=f"{split.dataset}-{name}", digest=digest)
-        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)]))
-    client.log_inputs(run_id, datasets=inputs)
+        e = ds._to_mlflow_entity()
+        inputs.append({"context": name, "dataset": {"name": e.name, "digest": e.digest, "source_type": e.source_type,
+                                                    "source": e.source, "schema": e.schema, "profile": e.profile}})
+    return inputs
 
 
-def _log_model_and_plot(client: MlflowClient, run_id: str, p: Prepared, model: torch.nn.Module) -> None:
-    """The trained model as an MLflow model (reloadable with mlflow.pyfunc.load_model), its URI as a run tag,
-    and a forecast-vs-truth plot of three test windows."""
-    uri = tracking.safe("log model", lambda: model_logging.log_forecast_model(run_id, p, model))
-    if uri:
-        tracking.safe("tag model uri", lambda: tracking.set_tags(client, run_id, {tracking.MODEL_URI_TAG: uri}))
+def _log_model_and_plot(run: DurableRun, p: Prepared, model: torch.nn.Module) -> None:
+    """The trained model as an MLflow model (reloadable with mlflow.pyfunc.load_model; its URI becomes a run
+    tag) and a forecast-vs-truth plot of three test windows."""
     with tempfile.TemporaryDirectory() as d:
+        try:
+            run.log_model(model_logging.save_forecast_model(p, model, Path(d) / "model"))
+        except Exception as e:  # noqa: BLE001 - a model that cannot be saved must not cost the trial's metrics
+            print(f"[timevlm-platform] WARNING: could not save the trial's model: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            run.set_tags({"model_error": f"{type(e).__name__}: {e}"})
         test = p.splits["test"]
         idx = np.linspace(0, len(test) - 1, 3).round().astype(int)
         feats = p.features["test"]
@@ -140,37 +146,33 @@ def _log_model_and_plot(client: MlflowClient, run_id: str, p: Prepared, model: t
         true = np.stack([test.window(int(i))[1] for i in idx])
         png = forecast_plot(x.numpy(), pred.cpu().numpy(), true, Path(d) / "forecast_test.png",
                             title=f"{p.cfg.data.dataset} test windows {idx.tolist()} (last variable, scaled)")
-        tracking.safe("log forecast plot", lambda: client.log_artifact(run_id, str(png), "plots"))
+        run.log_artifact(png, "plots")
 
 
 def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     exp = ExperimentConfig.from_dict(config["experiment"])
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
-    if client is not None:
-        mlflow.set_tracking_uri(config["tracking_uri"])  # the model logger uses MLflow's fluent API
+    # rank 0 logs the trial's run; every call goes through a journal that keeps it while MLflow is away
+    run = (DurableRun(MlflowClient(config["tracking_uri"]), config["run_id"], config.get("spool_root"))
+           if rank == 0 and config.get("run_id") else None)
     quiet_worker()
-    run_id = config.get("run_id")
 
     p = prepare(exp, progress=rank == 0)
-    if client is not None:
-        info = {**count_parameters(p.model),
-                **{k: v for k, v in p.cache_info.items() if k not in ("cache_root", "cache_keys")},
-                "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
-                "n_test_windows": len(p.splits["test"])}
-        tracking.safe("log setup metrics", lambda: tracking.log_metrics(client, run_id, info))
-        tracking.safe("log dataset inputs", lambda: _log_datasets(client, run_id, p))
+    if run is not None:
+        run.log_metrics({**count_parameters(p.model),
+                         **{k: v for k, v in p.cache_info.items() if k not in ("cache_root", "cache_keys")},
+                         "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
+                         "n_test_windows": len(p.splits["test"])})
+        run.log_inputs(_dataset_inputs(p))
     resume = _load_resume()
     if isinstance(resume, str):  # restarted after it had already diverged: say so again, do not retrain
         _report_divergence(rank, {}, resume)
         return
-    if client is not None:
-        node = ray.get_runtime_context().get_node_id()
-        tracking.safe("tag node", lambda: tracking.set_tags(client, run_id, {"ray_node_id": node}))
+    if run is not None:
+        run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id()})
         if resume is not None:  # a restarted worker: say from where it resumed
-            tracking.safe("log resume", lambda: tracking.log_metrics(client, run_id,
-                                                                     {"resumed_from_epoch": resume.epoch}))
+            run.log_metrics({"resumed_from_epoch": resume.epoch})
     poison_at = faults.nan_after_epoch(p.cfg.flat())
     train, train_feats = shard(p.splits["train"], p.features["train"], rank, world)
     model = p.model
@@ -183,8 +185,9 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_epoch_end(m: EpochMetrics, state: TrainState, improved: bool) -> None:
         metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id()}
         last.update(metrics)
-        if client is not None:
-            tracking.safe(f"log epoch {m.epoch}", lambda: tracking.log_metrics(client, run_id, metrics, step=m.epoch))
+        if run is not None:
+            run.log_metrics(metrics, step=m.epoch)
+        faults.slow_epoch()  # chaos tests only: a longer epoch, so an outage can be timed to fall inside
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -200,8 +203,8 @@ def train_worker(config: dict[str, Any]) -> None:
         result = fit(model, train, p.splits["val"], exp.train, train_feats=train_feats,
                      val_feats=p.features["val"], on_epoch_end=on_epoch_end, resume=resume)
     except NonFiniteLossError as e:
-        if client is not None:
-            tracking.safe("log divergence", lambda: tracking.set_tags(client, run_id, {"failure_reason": str(e)}))
+        if run is not None:
+            run.set_tags({"failure_reason": str(e)})
         _report_divergence(rank, last, str(e))
         return
     ranks = _data_parallel_record(train, model.module if hasattr(model, "module") else model, world)
@@ -209,14 +212,16 @@ def train_worker(config: dict[str, Any]) -> None:
     final = {**last, **test, "best_val_mse": result.best_val_mse, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
              "peak_mem_mb": peak_memory_mb(next(model.parameters()).device)}
-    if client is not None:
-        tracking.safe("log test metrics", lambda: tracking.log_metrics(client, run_id, {
-            **test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}}))
-        _log_model_and_plot(client, run_id, p, model.module if hasattr(model, "module") else model)
+    if run is not None:
+        run.log_metrics({**test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}})
+        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model)
         if ranks is not None:
-            same = len({r["weights_sha256"] for r in ranks}) == 1
-            tracking.safe("log data-parallel record", lambda: (
-                client.log_dict(run_id, ranks, "data_parallel.json"),
-                tracking.set_tags(client, run_id, {"data_parallel.world_size": world,
-                                                   "data_parallel.weights_identical": same})))
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "data_parallel.json").write_text(json.dumps(ranks))
+                run.log_artifact(Path(d) / "data_parallel.json")
+            run.set_tags({"data_parallel.world_size": world,
+                          "data_parallel.weights_identical": len({r["weights_sha256"] for r in ranks}) == 1})
+        # the end of the trial: whatever is still journaled is sent now if the server answers soon (else the
+        # trial's driver sends it with the run's end, or the study's end does)
+        run.flush_until(float(config.get("flush_timeout_s", 20)))
     ray.train.report(final)

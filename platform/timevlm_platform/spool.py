@@ -1,0 +1,211 @@
+"""Durable MLflow logging: what cannot be sent now is kept, in order, in a per-run journal on disk and sent
+when the tracking server answers again (before the run's next call, at the end of the trial, at the latest
+at the end of the study). Nothing a trial logs is dropped because the server was away for a while.
+
+A journal is `<root>/<run_id>.jsonl` (one call per line) with the files it refers to in `<root>/<run_id>/`.
+`root` is the study's storage (shared on a cluster, so the driver can send what a worker node left behind),
+or a local folder. Replaying a call twice is harmless: metric points are keyed by (key, step, timestamp,
+value), params and tags are set to the same value, artifacts are overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+SPOOL_ENV = "TIMEVLM_TRACKING_SPOOL"
+
+
+def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
+
+
+def _params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _artifact(client: MlflowClient, run_id: str, path: str, artifact_path: str | None) -> None:
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, path, artifact_path)
+    else:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+def _inputs(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(**d["dataset"]), tags=[InputTag("mlflow.data.context", d["context"])])
+        for d in datasets])
+
+
+def _model(client: MlflowClient, run_id: str, path: str, name: str) -> str:
+    """Publish a model saved on disk as the run's logged model; tags the run with its URI, returns it."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from timevlm_platform.tracking import MODEL_URI_TAG
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="forecaster")
+    client.log_model_artifacts(model.model_id, path)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    uri = f"models:/{model.model_id}"
+    client.set_tag(run_id, MODEL_URI_TAG, uri)
+    return uri
+
+
+def _terminate(client: MlflowClient, run_id: str, status: str, end_time: int) -> None:
+    client.set_terminated(run_id, status=status, end_time=end_time)
+
+
+OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": _params, "tags": _tags,
+                                      "artifact": _artifact, "inputs": _inputs, "model": _model,
+                                      "terminate": _terminate}
+FILE_ARGS = {"artifact": "path", "model": "path"}  # ops whose file or folder is copied into the journal
+
+
+class DurableRun:
+    """One MLflow run's logging calls: sent at once while the server answers, journaled while it does not."""
+
+    def __init__(self, client: MlflowClient, run_id: str, root: str | Path | None, retries: int = 3) -> None:
+        # MLflow's HTTP client retries a refused request 7 times with exponential backoff (minutes per call)
+        # before it fails; here a failed call is kept, not lost, so fail fast and journal
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.client, self.run_id, self.retries = client, run_id, retries
+        self.root = Path(root) if root else Path(tempfile.gettempdir()) / "timevlm-tracking-spool"
+        self.journal = self.root / f"{run_id}.jsonl"
+        self.files = self.root / run_id
+        self.counter = self.root / f"{run_id}.delayed"
+
+    # -- the calls -------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        points = [[k, float(v), now, step] for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if points:
+            self.call("metrics", points=points)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.call("params", params={k: str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.call("tags", tags={k: str(v)[:5000] for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.call("artifact", path=str(path), artifact_path=artifact_path)
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        self.call("inputs", datasets=datasets)
+
+    def log_model(self, path: str | Path, name: str = "model") -> str | None:
+        return self.call("model", path=str(path), name=name)
+
+    def terminate(self, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.call("terminate", status=status, end_time=int(time.time() * 1000))
+
+    # -- sending and journaling ------------------------------------------------------------------------
+    def pending(self) -> bool:
+        return self.journal.exists()
+
+    def call(self, op: str, **kw: Any) -> Any:
+        """Send now if nothing is waiting before it and the server answers; else append to the journal."""
+        if not self.flush():
+            self._append(op, kw)
+            return None
+        delay = 0.2
+        for attempt in range(self.retries):
+            try:
+                return OPS[op](self.client, self.run_id, **kw)
+            except Exception as e:  # noqa: BLE001 - the server or network is away: keep the call
+                if attempt == self.retries - 1:
+                    self._append(op, kw)
+                    print(f"[timevlm-platform] MLflow is not answering ({type(e).__name__}); run {self.run_id[:8]}'s "
+                          f"calls are kept in {self.journal} and sent when it is back", file=sys.stderr, flush=True)
+                    return None
+                time.sleep(delay)
+                delay *= 2
+        return None
+
+    def _append(self, op: str, kw: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if op in FILE_ARGS:  # the file may be a temporary one: keep a copy with the journal
+            src = Path(kw[FILE_ARGS[op]])
+            dest = self.files / uuid.uuid4().hex[:8] / src.name  # the artifact keeps its name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dest) if src.is_dir() else shutil.copy2(src, dest)
+            kw = {**kw, FILE_ARGS[op]: str(dest)}
+        with open(self.journal, "a") as f:
+            f.write(json.dumps({"op": op, "kw": kw}) + "\n")
+        n = int(self.counter.read_text()) if self.counter.exists() else 0
+        self.counter.write_text(str(n + 1))
+
+    def flush(self) -> bool:
+        """Send the journal's calls in order; True when none is left. Stops at the first that fails."""
+        if not self.journal.exists():
+            return True
+        lines = self.journal.read_text().splitlines()
+        for i, line in enumerate(lines):
+            entry = json.loads(line)
+            try:
+                OPS[entry["op"]](self.client, self.run_id, **entry["kw"])
+            except Exception:  # noqa: BLE001 - still away: keep the rest, in order
+                tmp = self.journal.with_suffix(".tmp")
+                tmp.write_text("".join(rest + "\n" for rest in lines[i:]))
+                tmp.replace(self.journal)
+                return False
+        delayed = int(self.counter.read_text()) if self.counter.exists() else 0
+        self.journal.unlink()
+        shutil.rmtree(self.files, ignore_errors=True)
+        try:  # the run says how many of its calls came late (visible in its metrics)
+            _metrics(self.client, self.run_id, [["tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
+        except Exception:  # noqa: BLE001
+            pass
+        return True
+
+    def flush_until(self, timeout_s: float, every_s: float = 2.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.flush():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(every_s)
+        return True
+
+
+def delayed_counts(root: str | Path) -> tuple[int, int]:
+    """(calls delayed, calls still waiting) over every run journaled under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0, 0
+    delayed = sum(int(p.read_text() or 0) for p in root.glob("*.delayed"))
+    waiting = sum(len(p.read_text().splitlines()) for p in root.glob("*.jsonl"))
+    return delayed, waiting
+
+
+def flush_all(client: MlflowClient, root: str | Path, timeout_s: float) -> list[str]:
+    """Send every journal under `root` (the study's end); returns the run ids still waiting after timeout_s."""
+    root = Path(root)
+    runs = [p.stem for p in root.glob("*.jsonl")] if root.is_dir() else []
+    deadline = time.monotonic() + timeout_s
+    left = []
+    for run_id in runs:
+        if not DurableRun(client, run_id, root).flush_until(max(0.0, deadline - time.monotonic())):
+            left.append(run_id)
+    return left

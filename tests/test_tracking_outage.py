@@ -1,0 +1,182 @@
+"""The MLflow tracking server goes away mid-study and comes back: nothing a trial logged is lost.
+
+A real `mlflow server` (SQLite backend) is stopped and started again on the same port: first under one run's
+journal directly, then under a running study."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+from mlflow_server import free_port, mlflow_server
+from timevlm_platform import tracking
+from timevlm_platform.spool import DurableRun, delayed_counts
+
+
+def test_journal_keeps_calls_in_order_while_the_server_is_away_and_sends_them_after(tmp_path):
+    backend, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
+    log, spool = tmp_path / "server.log", tmp_path / "spool"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:
+        client = MlflowClient(base)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        run = DurableRun(client, run_id, spool, retries=1)
+        run.log_metrics({"val_mse": 1.0}, step=1)
+        assert not run.pending()
+    # the server is down: every call is kept, in order, with a copy of the file it refers to
+    art = tmp_path / "forecast.png"
+    art.write_bytes(b"\x89PNG fake")
+    run.log_metrics({"val_mse": 0.9}, step=2)
+    run.log_artifact(art, "plots")
+    art.unlink()  # a temporary file gone before the server is back
+    run.log_metrics({"val_mse": 0.8}, step=3)
+    run.set_tags({"outcome": "done"})
+    run.terminate(True)
+    assert run.pending() and delayed_counts(spool) == (5, 5)
+    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:
+        client = MlflowClient(base)
+        run.client = client
+        run.log_metrics({"test_mse": 0.5})  # the next call sends the journal first, then itself
+        assert not run.pending() and delayed_counts(spool) == (5, 0)
+        r = client.get_run(run_id)
+        assert [m.value for m in client.get_metric_history(run_id, "val_mse")] == [1.0, 0.9, 0.8]
+        assert r.data.metrics["test_mse"] == 0.5 and r.data.metrics["tracking_calls_delayed"] == 5
+        assert r.data.tags["outcome"] == "done" and r.info.status == "FINISHED"
+        assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/forecast.png"]
+
+
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
+    """tune.py against a real server that is stopped while the first trial trains and started again 15 s later:
+    every trial run ends with every epoch's metrics, its test metrics, its plot and its model; no duplicate run;
+    the study says how many calls were delayed and that none is left."""
+    backend, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
+    log = tmp_path / "server.log"
+    study = {"name": "outage", "datasets": ["ETTh1"], "horizons": [24],
+             "fixed": {"model": {"seq_len": 48, "d_model": 16, "d_fusion": 32, "memory_size": 8},
+                       "data": {"max_windows": 96}, "train": {"batch_size": 32, "patience": 10}},
+             "search": {"model.norm_const": {"type": "grid", "values": [0.4, 1.0]}}, "searcher": "grid",
+             "budget": {"trials": 2, "epochs": 4}, "scheduler": {"type": "fifo"},
+             "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent": 1}}
+    (tmp_path / "outage.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "TIMEVLM_FAULTS": json.dumps({"epoch_sleep_s": 3}), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env.pop("RAY_ADDRESS", None)
+    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:
+        proc = subprocess.Popen([sys.executable, "tune.py", "--study", str(tmp_path / "outage.yaml"),
+                                 "--tracking-uri", base, "--storage-path", str(tmp_path / "ray"),
+                                 "--cache-dir", shared_cache], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+        reader.start()
+        client, deadline = MlflowClient(base), time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # wait for the first epoch of the first trial
+            exp = client.get_experiment_by_name("timevlm-outage")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if any(len(client.get_metric_history(r.info.run_id, "val_mse")) >= 1 for r in runs):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "".join(out)[-3000:]
+    # the server is stopped here ...
+    time.sleep(15)
+    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:  # ... and back
+        assert proc.wait(timeout=600) == 0, "".join(out)[-3000:]
+        reader.join(timeout=10)
+        text = "".join(out)
+        client = MlflowClient(base)
+        exp = client.get_experiment_by_name("timevlm-outage")
+        runs = client.search_runs([exp.experiment_id])
+        kids = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
+        assert len(kids) == 2 and len(runs) == 3  # no run duplicated or lost
+        for r in kids:
+            assert r.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "val_mse")] == [1, 2, 3, 4]
+            assert {"test_mse", "test_mae"} <= set(r.data.metrics)
+            assert [a.path for a in client.list_artifacts(r.info.run_id, "plots")] == ["plots/forecast_test.png"]
+            assert r.data.tags[tracking.MODEL_URI_TAG].startswith("models:/")
+        delayed = sum(r.data.metrics.get("tracking_calls_delayed", 0) for r in kids)
+        assert delayed > 0  # the outage really fell inside a trial
+        parent = next(r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "study")
+        assert parent.data.metrics["tracking_calls_waiting"] == 0
+        assert parent.data.metrics["tracking_calls_delayed"] == delayed
+        assert "were delayed while the tracking server was away; all sent" in text
+        # and the model logged after the outage loads and forecasts
+        import mlflow
+
+        mlflow.set_tracking_uri(base)
+        model = mlflow.pyfunc.load_model(kids[0].data.tags[tracking.MODEL_URI_TAG])
+        assert model.predict(np.zeros((1, 48, 7), np.float32)).shape == (1, 24, 7)
+
+
+def _tiny_study(path, name, norm_const):
+    path.write_text(yaml.safe_dump({
+        "name": name, "datasets": ["ETTh1"], "horizons": [24],
+        "fixed": {"model": {"seq_len": 48, "d_model": 16, "d_fusion": 32, "memory_size": 8},
+                  "data": {"max_windows": 64}, "train": {"batch_size": 32}},
+        "search": {"model.norm_const": {"type": "grid", "values": [norm_const]}}, "searcher": "grid",
+        "budget": {"trials": 1, "epochs": 2}, "scheduler": {"type": "fifo"},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
+    return path
+
+
+@pytest.mark.slow
+def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
+    """Two users run `tune.py` at the same time against one Ray cluster, one MLflow server and one (cold)
+    feature cache: both finish, each in its own experiment, the entries they share are built once, and a
+    --resume of one leaves the other's runs alone."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as `ray start` sets up a cluster by default
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard",
+                    "false", "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    cache = tmp_path / "cache"
+    try:
+        with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "server.log",
+                           artifacts=tmp_path / "art") as base:
+            def tune(name, *extra):
+                study = _tiny_study(tmp_path / f"{name}.yaml", name, 0.4 if name == "alice" else 1.0)
+                return subprocess.Popen([sys.executable, "tune.py", "--study", str(study), "--address",
+                                         f"127.0.0.1:{port}", "--tracking-uri", base, "--cache-dir", str(cache),
+                                         "--storage-path", str(tmp_path / "ray"), *extra], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+            procs = {name: tune(name) for name in ("alice", "bob")}
+            outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+            for name, p in procs.items():
+                assert p.returncode == 0, outs[name][-3000:]
+            client = MlflowClient(base)
+            runs = {}
+            for name in ("alice", "bob"):
+                exp = client.get_experiment_by_name(f"timevlm-{name}")
+                runs[name] = client.search_runs([exp.experiment_id])
+                kids = [r for r in runs[name] if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
+                assert len(runs[name]) == 2 and len(kids) == 1 and kids[0].info.status == "FINISHED"
+                assert kids[0].data.tags[tracking.STUDY_TAG] == name
+            # the three entries (train/val/test of ETTh1 at 48->24) were built once between the two studies:
+            # by either study's up-front build or by a trial, never twice
+            built = sum(r.data.metrics.get("features_built", 0) + r.data.metrics.get("cache_builds", 0)
+                        for rs in runs.values() for r in rs)
+            assert built == 3 and len(list(cache.glob("*.parquet"))) == 3
+            # bob resumes: alice's runs are untouched, bob's are reused, not duplicated
+            again = tune("bob", "--resume")
+            assert again.communicate(timeout=600)[0] is not None and again.returncode == 0
+            alice_exp = client.get_experiment_by_name("timevlm-alice").experiment_id
+            after = {r.info.run_id: r.info.end_time for r in client.search_runs([alice_exp])}
+            assert after == {r.info.run_id: r.info.end_time for r in runs["alice"]}
+            bob_exp = client.get_experiment_by_name("timevlm-bob").experiment_id
+            assert len(client.search_runs([bob_exp])) == 2
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
