@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from timevlm.config import ExperimentConfig
@@ -52,6 +53,7 @@ class PrebuildReport:
     seconds: float = 0.0
     nodes: tuple[str, ...] = ()  # Ray node ids whose actors computed features
     skipped: str = ""  # why some entries are left to the trials, if any
+    elsewhere: int = 0  # entries another builder (a trial, another study) held the lock of: left to it
 
     def line(self) -> str:
         if not self.needed:
@@ -60,6 +62,8 @@ class PrebuildReport:
         if self.built:
             s += (f", {self.built} built ({self.windows:,} windows) in {self.seconds:.0f}s on "
                   f"{len(self.nodes)} node(s)")
+        if self.elsewhere:
+            s += f", {self.elsewhere} being built by another study or trial (its trials wait for them)"
         return s + (f"; {self.skipped}" if self.skipped else "")
 
 
@@ -169,16 +173,36 @@ class _Encoder:
 def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_actors: int | None = None,
                       progress: bool = True) -> PrebuildReport:
     """Build the study's missing feature entries on the cluster (Ray must be initialised)."""
-    import ray
-
     t0 = time.perf_counter()
     jobs, why = study_jobs(spec, data_dir)
     cache = FeatureCache(cache_dir)
     present = cache.keys()
     todo = [j for j in jobs if j.key not in present]
     report = PrebuildReport(needed=len(jobs), present=len(jobs) - len(todo), skipped=why)
-    if not todo:
-        return report
+    # Take each missing entry's cache lock (the one a trial's get_or_build takes): an entry another study or
+    # trial is building right now is left to it, so two studies sharing a cache build each entry once.
+    locks = {}
+    for j in todo:
+        lock = FileLock(str(cache.lock_dir / f"{j.key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        locks[j.key] = lock
+    try:
+        mine = [j for j in todo if j.key in locks and not cache.exists(j.key)]
+        report.elsewhere = len([j for j in todo if j.key not in locks])
+        report.present += len([j for j in todo if j.key in locks]) - len(mine)
+        return _build(mine, cache, report, locks, max_actors, progress, t0) if mine else report
+    finally:
+        for lock in locks.values():
+            lock.release()
+
+
+def _build(todo: list[FeatureJob], cache: FeatureCache, report: PrebuildReport, locks: dict[str, FileLock],
+           max_actors: int | None, progress: bool, t0: float) -> PrebuildReport:
+    import ray
+
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     slots = gpus or max(1, int(resources.get("CPU", 1)))
@@ -220,6 +244,7 @@ def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_act
             if filled[0] == todo[j].n_windows:
                 cache.put(todo[j].key, SplitFeatures(torch.from_numpy(vision), torch.from_numpy(text)),
                           todo[j].settings)
+                locks.pop(todo[j].key).release()  # a trial waiting for this entry can read it now
                 del pending[j]
     bar.close()
     if pending:
