@@ -99,3 +99,42 @@ def test_fsspec_filesystems_work(data_dir):
     b = FeatureCache("memory://timevlm-test-cache").get_or_build({"s": 2}, split, lambda: None, progress=False)
     torch.testing.assert_close(a.vision, b.vision)
     torch.testing.assert_close(a.text, b.text)
+
+
+def test_unwritable_cache_fails_naming_the_path_or_falls_back_to_memory(data_dir, tmp_path):
+    import pytest
+
+    from timevlm.errors import CacheError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")  # unwritable even for root
+    bad = blocker / "cache"
+    with pytest.raises(CacheError, match=f"feature cache {bad}: cannot create it.*cache_fallback=memory"):
+        prepare(_cfg(bad), progress=False)
+    cfg = _cfg(bad)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cache_fallback="memory"))
+    with pytest.warns(UserWarning, match="computing features in memory"):
+        p = prepare(cfg, progress=False)
+    assert p.features["val"] is not None and p.cache_info["cache_builds"] == 3 and not bad.exists()
+
+
+def test_a_write_that_fails_part_way_leaves_no_entry(data_dir, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    import pytest
+
+    from timevlm import features
+    from timevlm.errors import CacheError
+
+    def half_write(table, f):  # some bytes reach the disk, then the disk is full
+        f.write(b"PAR1 half an entry")
+        raise OSError(28, "No space left on device")
+
+    real = pq.write_table
+    monkeypatch.setattr(features.pq, "write_table", half_write)
+    with pytest.raises(CacheError, match="cannot write it .*No space left on device"):
+        prepare(_cfg(tmp_path), progress=False)
+    cache = FeatureCache(str(tmp_path))
+    assert cache.keys() == set() and not [p for p in tmp_path.iterdir() if p.suffix in (".tmp", ".parquet")]
+    monkeypatch.setattr(features.pq, "write_table", real)  # the disk has room again
+    assert prepare(_cfg(tmp_path), progress=False).cache_info["cache_builds"] == 3
+    assert len(cache.keys()) == 3

@@ -120,6 +120,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     use_feature_cache: bool = True
     cache_dir: str | None = None  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
+    cache_fallback: Literal["error", "memory"] = "error"  # an unwritable cache: fail naming it, or compute in memory
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -127,6 +128,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        _require(self.cache_fallback in ("error", "memory"),
+                 f"cache_fallback must be error or memory, got {self.cache_fallback!r}")
         _require(self.lr_schedule in ("cosine", "halving", "constant"),
                  f"lr_schedule must be cosine, halving or constant, got {self.lr_schedule!r}")
 

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A data file that is missing, malformed, or too short for the requested windows."""
+
+
+class CacheError(OSError):
+    """The feature cache cannot be created or written (a read-only or full disk, a bad URI)."""

@@ -67,7 +67,7 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     if not exp.train.use_feature_cache:
         model.attach_encoder(make_encoder())
         return prepared
-    cache = FeatureCache(exp.train.cache_dir)
+    cache = FeatureCache(exp.train.cache_dir, fallback=exp.train.cache_fallback)
     settings = encoder_settings(mcfg, get_dataset(exp.data.dataset).freq)
     t0 = time.perf_counter()
     for name, split in splits.items():

@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from timevlm.data.windows import SplitData
+from timevlm.errors import CacheError
 from timevlm.model.multimodal import Features, MultimodalEncoder
 
 CACHE_DIR_ENV = "TIMEVLM_CACHE_DIR"
@@ -56,12 +58,22 @@ class CacheStats:
 
 
 class FeatureCache:
-    def __init__(self, root: str | None = None) -> None:
+    """`fallback="memory"`: when an entry cannot be written, keep the features it computed in memory for this
+    run (with a warning) instead of failing; "error" (default): fail with the path named."""
+
+    def __init__(self, root: str | None = None, fallback: str = "error") -> None:
         self.root = resolve_cache_root(root).rstrip("/")
+        self.fallback = fallback
         self.fs, self.base = fsspec.core.url_to_fs(self.root)
-        self.fs.makedirs(self.base, exist_ok=True)
+        created = True
+        try:
+            self.fs.makedirs(self.base, exist_ok=True)
+        except Exception as e:  # noqa: BLE001
+            self._cannot_write(e, "create")
+            created = False
         local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
-        self.lock_dir = Path(self.base) if local else Path(tempfile.gettempdir()) / "timevlm-cache-locks"
+        self.lock_dir = (Path(self.base) if local and created
+                         else Path(tempfile.gettempdir()) / "timevlm-cache-locks")
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()
 
@@ -83,12 +95,24 @@ class FeatureCache:
                 if not self.exists(key):  # another process may have built it while we waited
                     t0 = time.perf_counter()
                     feats = build_features(make_encoder(), split, batch_size, progress)
-                    self._write(key, feats, settings)
+                    try:
+                        self._write(key, feats, settings)
+                    except Exception as e:  # noqa: BLE001
+                        self._cannot_write(e, "write", key)
                     self.stats.builds += 1
                     self.stats.build_seconds += time.perf_counter() - t0
                     return feats
         self.stats.hits += 1
         return self._read(key)
+
+    def _cannot_write(self, e: Exception, what: str, key: str | None = None) -> None:
+        where = self.path(key) if key else self.root
+        msg = f"feature cache {where}: cannot {what} it ({type(e).__name__}: {e})"
+        if self.fallback != "memory":
+            raise CacheError(f"{msg}; make {self.root} writable, point train.cache_dir (--cache-dir) elsewhere, "
+                             f"or set train.cache_fallback=memory to compute the features in memory") from e
+        warnings.warn(f"{msg}; computing features in memory for this run (train.cache_fallback=memory)",
+                      stacklevel=3)
 
     def keys(self) -> set[str]:
         """Every complete entry in the cache, from one directory listing (temporary files excluded)."""
@@ -114,9 +138,16 @@ class FeatureCache:
             "text_shape": json.dumps(list(feats.text.shape[1:])),
         })
         tmp = f"{self.base}/.{key}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(tmp, self.path(key))
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table, f)
+            self.fs.mv(tmp, self.path(key))  # readers only ever see a complete entry
+        except BaseException:
+            try:  # a write that failed part-way leaves no half entry behind (and never under the entry's name)
+                self.fs.rm(tmp)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
 
     def _read(self, key: str) -> SplitFeatures:
         with self.fs.open(self.path(key), "rb") as f:
