@@ -112,6 +112,7 @@ def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
         assert parent.data.metrics["tracking_calls_waiting"] == 0
         assert parent.data.metrics["tracking_calls_delayed"] == delayed
         assert "were delayed while the tracking server was away; all sent" in text
+        print(next(line for line in text.splitlines() if "were delayed" in line))  # for the log (pytest -s)
         # and the model logged after the outage loads and forecasts
         import mlflow
 
