@@ -91,7 +91,7 @@ class FeatureCache:
         key = cache_key(settings, split)
         self.stats.keys.append(key)
         if not self.exists(key):
-            with FileLock(str(self.lock_dir / f"{key}.lock")):
+            with self.lock(key):
                 if not self.exists(key):  # another process may have built it while we waited
                     t0 = time.perf_counter()
                     feats = build_features(make_encoder(), split, batch_size, progress)
@@ -104,6 +104,10 @@ class FeatureCache:
                     return feats
         self.stats.hits += 1
         return self._read(key)
+
+    def lock(self, key: str) -> FileLock:
+        """The lock an entry is built under (by a trial's get_or_build or a study's up-front build)."""
+        return FileLock(str(self.lock_dir / f"{key}.lock"))
 
     def _cannot_write(self, e: Exception, what: str, key: str | None = None) -> None:
         where = self.path(key) if key else self.root

@@ -183,7 +183,7 @@ def prebuild_features(spec: StudySpec, data_dir: str, cache_dir: str, *, max_act
     # trial is building right now is left to it, so two studies sharing a cache build each entry once.
     locks = {}
     for j in todo:
-        lock = FileLock(str(cache.lock_dir / f"{j.key}.lock"))
+        lock = cache.lock(j.key)
         try:
             lock.acquire(timeout=0)
         except Timeout:

@@ -63,11 +63,16 @@ def platform_home() -> Path:
     return Path.cwd()
 
 
+def _searched_values(spec: StudySpec, key: str) -> list | None:
+    """The values a study searches for `key` (a choice or grid), or None when it does not search it."""
+    return next((p.args.get("values") for p in spec.search if p.key == key), None)
+
+
 def preflight(spec: StudySpec, data_dir: str) -> None:
     """Load every (dataset, horizon, seq_len) a study can ask for before any trial starts, so bad data
     fails in seconds with the file named, not in every trial after Ray Train retries."""
-    seq_lens = next((p.args.get("values") for p in spec.search if p.key == "model.seq_len"), None)
-    vlms = next((p.args.get("values") for p in spec.search if p.key == "model.vlm"), None)
+    seq_lens = _searched_values(spec, "model.seq_len")
+    vlms = _searched_values(spec, "model.vlm")
     for cell in spec.cells():
         base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
         for seq_len in seq_lens or [base.model.seq_len]:
@@ -111,7 +116,7 @@ def _node_inputs(spec: StudySpec, data_dir: str, cache_dir: str, opts: RunOption
     base = spec.experiment(spec.cells()[0].dataset, spec.cells()[0].horizon, {}, spec.cells()[0].test_dataset)
     if opts.use_feature_cache and base.train.cache_fallback != "memory":
         paths["writable feature cache dir"] = cache_dir
-    vlms = next((p.args.get("values") for p in spec.search if p.key == "model.vlm"), None) or [base.model.vlm]
+    vlms = _searched_values(spec, "model.vlm") or [base.model.vlm]
     configs = [{"vlm": v, "vlm_path": base.model.vlm_path} for v in vlms] if base.model.model == "timevlm" else []
     return paths, configs
 

@@ -19,24 +19,16 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
+
+from timevlm_platform import tracking
 
 SPOOL_ENV = "TIMEVLM_TRACKING_SPOOL"
 
 
 def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
-
-
-def _params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
-
-
-def _tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _artifact(client: MlflowClient, run_id: str, path: str, artifact_path: str | None) -> None:
@@ -58,15 +50,13 @@ def _model(client: MlflowClient, run_id: str, path: str, name: str) -> str:
     """Publish a model saved on disk as the run's logged model; tags the run with its URI, returns it."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    from timevlm_platform.tracking import MODEL_URI_TAG
-
     experiment_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="forecaster")
     client.log_model_artifacts(model.model_id, path)
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     uri = f"models:/{model.model_id}"
-    client.set_tag(run_id, MODEL_URI_TAG, uri)
+    client.set_tag(run_id, tracking.MODEL_URI_TAG, uri)
     return uri
 
 
@@ -74,7 +64,7 @@ def _terminate(client: MlflowClient, run_id: str, status: str, end_time: int) ->
     client.set_terminated(run_id, status=status, end_time=end_time)
 
 
-OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": _params, "tags": _tags,
+OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": tracking.log_params, "tags": tracking.set_tags,
                                       "artifact": _artifact, "inputs": _inputs, "model": _model,
                                       "terminate": _terminate}
 FILE_ARGS = {"artifact": "path", "model": "path"}  # ops whose file or folder is copied into the journal
@@ -103,10 +93,10 @@ class DurableRun:
             self.call("metrics", points=points)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.call("params", params={k: str(v)[:6000] for k, v in params.items()})
+        self.call("params", params={k: str(v) for k, v in params.items()})  # tracking.log_params truncates
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.call("tags", tags={k: str(v)[:5000] for k, v in tags.items()})
+        self.call("tags", tags={k: str(v) for k, v in tags.items()})  # tracking.set_tags truncates
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.call("artifact", path=str(path), artifact_path=artifact_path)
