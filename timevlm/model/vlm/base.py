@@ -98,4 +98,5 @@ def feature_dims(cfg: ModelConfig) -> tuple[int, int]:
 def vlm_identity(cfg: ModelConfig) -> dict[str, object]:
     """What of the VLM changes its features: variant, weights and input size."""
     cls = VLM_ADAPTERS.get(cfg.vlm)
-    return {"vlm": cfg.vlm, "weights": cls.weights_id(cfg), "vlm_input_size": cls.native_size(cfg)}  # type: ignore[attr-defined]
+    return {"vlm": cfg.vlm, "weights": cls.weights_id(cfg), "vlm_input_size": cls.native_size(cfg),  # type: ignore[attr-defined]
+            "int8": cfg.vlm_int8}
