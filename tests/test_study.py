@@ -115,7 +115,7 @@ def test_reduced_budget_copy_is_its_own_study():
 
 def test_variants_and_presets_resolve_per_cell():
     spec = load_study("long_term")
-    assert param_space(spec)["variant"] == tune.grid_search(["ours", "official"])
+    assert param_space(spec)["variant"] == tune.grid_search(["ours", "official", "long_input"])
     official = spec.experiment("ETTh1", 336, {"variant": "official"})
     # the official script's ETTh1-336 settings, laid over the study's fixed d_model 128
     assert (official.model.d_model, official.model.dropout, official.model.memory_gate) == (64, 0.1, True)
@@ -123,6 +123,8 @@ def test_variants_and_presets_resolve_per_cell():
     assert spec.experiment("ETTm2", 720, {"variant": "official"}).model.d_model == 32
     ours = spec.experiment("ETTh1", 336, {"variant": "ours"})
     assert (ours.model.d_model, ours.model.image_size, ours.train.epochs) == (128, 64, 10)
+    long_input = spec.experiment("ETTm1", 720, {"variant": "long_input"})
+    assert (long_input.model.d_model, long_input.model.dropout, long_input.train.epochs) == (16, 0.3, 10)
     # a reduced budget and a smoke run win over the preset's 15 epochs and seq_len 512
     assert spec.with_overrides(epochs=2).experiment("ETTh1", 96, {"variant": "official"}).train.epochs == 2
     smoke = spec.with_smoke().experiment("ETTh1", 96, {"variant": "official"})
@@ -135,7 +137,7 @@ def test_variants_and_presets_resolve_per_cell():
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official"),
+    (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official, long_input"),
     (lambda d: d.update(variants={"a": {"model.d_modle": 1}}), "variants.a.model.d_modle: not a setting"),
     (lambda d: d.update(variants={"a": {"preset": "x"}}), "variants.a.preset: unknown preset 'x'"),
     (lambda d: d.update(variants={"a": 3}), "variants.a: must map section.key"),

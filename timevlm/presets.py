@@ -5,6 +5,12 @@ which the paper's Table 5 numbers come from. It fixes seq_len 512, 15 epochs, im
 lr 1e-3 and norm_const 0.4, and per (dataset, horizon) d_model, dropout and the memory gate. Those values
 were chosen by a search that looked at test MSE, so they are a reproduction target, not a fair default.
 The VLM variant is left as configured (the paper's runs use CLIP; its weights are not bundled here).
+
+`long_input`: d_model 16, dropout 0.3, for inputs of ~512 steps, where our defaults (d_model 128: a flatten
+head of 64 patches x 128 x pred_len weights) reach their best validation score after 1-3 epochs and overfit.
+Chosen on validation only, by a rule fixed before the numbers came in: of seven candidates, the lowest mean
+over ETTh1, ETTh2, ETTm1 and ETTm2 (512->96) of validation MSE relative to DLinear's (0.998 against 1.042
+for our defaults; reports/fidelity/README.md). Same for every dataset and horizon.
 """
 from __future__ import annotations
 
@@ -29,13 +35,17 @@ _OFFICIAL: dict[tuple[str, int], tuple[int, float, bool]] = {
     ("Weather", 96): (64, 0.1, False),
 }
 
-PRESETS = ("official",)
+_LONG_INPUT: dict[str, dict[str, Any]] = {"model": {"d_model": 16, "dropout": 0.3}}
+
+PRESETS = ("official", "long_input")
 
 
 def preset_overrides(name: str, dataset: str, horizon: int) -> dict[str, dict[str, Any]]:
     """{section: {key: value}} to lay over a config for `dataset` at `horizon` (pred_len)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    if name == "long_input":
+        return {section: dict(values) for section, values in _LONG_INPUT.items()}
     try:
         d_model, dropout, gate = _OFFICIAL[(dataset, horizon)]
     except KeyError:
