@@ -7,7 +7,7 @@
 A measurement is `timevlm.features.build_features` (what a cache miss and the study's up-front build run) over
 the first `--windows` training windows, in its own process, alternating with the others over `--rounds`
 rounds; the headline is windows per second (median over rounds). A second pass over one batch times the
-parts: VAL images, the vision encoder, TAL prompts, tokenising, the text encoder. With `--check`, each
+parts: VAL images, TAL prompts, and the VLM adapter's encode (vision encoder, tokenising, text encoder). With `--check`, each
 variant's features are compared with the first measurement's (cosine similarity per window), so a faster
 build that changes the features says by how much. Writes `results/build_speed.csv`.
 """
@@ -55,18 +55,15 @@ def measure(spec: dict) -> dict:
         return out
 
     with torch.inference_mode():
-        a = enc.adapter
         images = timed("images", lambda: enc.images(x))
-        timed("vision", lambda: a.vision.extract_features(a.preprocess(images)))
         prompts = timed("prompts", lambda: enc.prompts(x))
-        tok = timed("tokenize", lambda: a.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                                                    max_length=a.max_tokens))
-        timed("text", lambda: a.text(**tok))
+        tok = enc.adapter.tokenizer(prompts, truncation=True, max_length=enc.adapter.max_tokens)
+        timed("encode", lambda: enc.adapter.encode(images, prompts))  # vision + tokenising + text, as built
     out_path = spec.get("save")
     if out_path:
         torch.save({"vision": feats.vision[:256], "text": feats.text[:256]}, out_path)
     return {"windows": len(split), "build_s": build_s, "load_s": load_s, "parts": parts,
-            "tokens": int(tok["input_ids"].shape[1]), "threads": torch.get_num_threads(),
+            "tokens": max(len(ids) for ids in tok["input_ids"]), "threads": torch.get_num_threads(),
             "library": str(Path(timevlm.__file__).parent)}
 
 
