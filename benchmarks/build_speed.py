@@ -35,12 +35,8 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"] or torch.get_num_threads())
     exp = ExperimentConfig.from_dict(spec["experiment"])
     _, splits = feature_plan(exp)
-    split = splits["train"]
-    if hasattr(split, "subset"):
-        split = split.subset(slice(0, spec["windows"]))
-    t0 = time.perf_counter()
+    split = splits["train"].subset(slice(0, spec["windows"]))
     enc = feature_encoder(exp, "cpu")
-    load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     feats = build_features(enc, split, progress=False)
     build_s = time.perf_counter() - t0
@@ -62,7 +58,7 @@ def measure(spec: dict) -> dict:
     out_path = spec.get("save")
     if out_path:
         torch.save({"vision": feats.vision[:256], "text": feats.text[:256]}, out_path)
-    return {"windows": len(split), "build_s": build_s, "load_s": load_s, "parts": parts,
+    return {"windows": len(split), "build_s": build_s, "parts": parts,
             "tokens": max(len(ids) for ids in tok["input_ids"]), "threads": torch.get_num_threads(),
             "library": str(Path(timevlm.__file__).parent)}
 
@@ -80,7 +76,8 @@ def _cosine(a_path: str, b_path: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
-    import yaml
+
+    from timevlm.train import apply_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ETTh1")
@@ -107,12 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs.append((lib, path, base))
         for v in args.variant:
             name, _, sets = v.partition("=")
-            exp = copy.deepcopy(base)
-            for item in sets.split(","):
-                key, _, value = item.partition("=")
-                section, _, field = key.partition(".")
-                exp.setdefault(section, {})[field] = yaml.safe_load(value)
-            runs.append((name, None, exp))
+            runs.append((name, None, apply_overrides(copy.deepcopy(base), sets.split(","))))
         for r in range(args.rounds):
             for name, path, exp in runs:
                 spec = {"experiment": exp, "windows": args.windows, "threads": args.threads,

@@ -62,14 +62,21 @@ def _model(kind: str, **kw: Any) -> dict[str, dict[str, Any]]:
     return {"model": {"model": kind, **kw}}
 
 
+def _official(dataset: str, horizon: int) -> dict[str, dict[str, Any]]:
+    """Time-VLM at the official script's settings for (dataset, horizon) (timevlm.presets)."""
+    from timevlm.presets import preset_overrides
+
+    cfg = preset_overrides("official", dataset, horizon)
+    cfg["model"]["model"] = "timevlm"
+    return cfg
+
+
 def plan_issue10() -> list[Run]:
     """The runs the fidelity issue asks for, at the paper's budget (10 epochs, patience 3)."""
     runs: list[Run] = []
 
     def add(dataset, seq_len, variant, cfg, seeds=SEEDS):
         runs.extend(Run(dataset, seq_len, 96, variant, s, cfg) for s in seeds)
-
-    from timevlm.presets import preset_overrides
 
     for seq_len, seeds in ((512, SEEDS), (96, SEEDS)):
         add("ETTh1", seq_len, "DLinear", _model("dlinear"), seeds)
@@ -80,9 +87,7 @@ def plan_issue10() -> list[Run]:
     # PatchTST at our defaults (d_model 128) and at its published ETTh1 settings (d_model 16, dropout 0.3)
     add("ETTh1", 512, "PatchTST", _model("patchtst"))
     add("ETTh1", 512, "PatchTST (published)", _model("patchtst", d_model=16, dropout=0.3))
-    official = preset_overrides("official", "ETTh1", 96)
-    official["model"]["model"] = "timevlm"
-    add("ETTh1", 512, "Time-VLM (official preset)", official)
+    add("ETTh1", 512, "Time-VLM (official preset)", _official("ETTh1", 96))
     add("ETTm1", 96, "DLinear", _model("dlinear"), SEEDS[:1])
     add("ETTm1", 96, "Time-VLM", _model("timevlm"), SEEDS[:1])
     add("ETTm1", 96, "Time-VLM RAL only", _model("timevlm", **ABLATIONS["RAL only"]), SEEDS[:1])
@@ -183,17 +188,13 @@ def plan_sweep_512() -> list[Run]:
 def plan_verify() -> list[Run]:
     """After the speed work (fused attention, fewer dropouts, shorter prompts): the issue's Time-VLM runs again,
     the ablation at ETTh1 96, the selected long-input candidate and three refinements of it at 512."""
-    from timevlm.presets import preset_overrides
-
     runs: list[Run] = []
     tvlm = {"model": {"model": "timevlm"}}
     runs += [Run("ETTh1", 96, 96, "Time-VLM", s, tvlm) for s in SEEDS]
     runs += [Run("ETTh1", 96, 96, f"Time-VLM {name}", s, _model("timevlm", **sw))
              for name, sw in ABLATIONS.items() if name != "w/o RAL" for s in SEEDS]
     runs += [Run(d, 96, 96, "Time-VLM", SEEDS[0], tvlm) for d in ("ETTm1", "ETTh2")]
-    official = preset_overrides("official", "ETTh1", 96)
-    official["model"]["model"] = "timevlm"
-    runs += [Run("ETTh1", 512, 96, "Time-VLM (official preset)", s, official) for s in SEEDS]
+    runs += [Run("ETTh1", 512, 96, "Time-VLM (official preset)", s, _official("ETTh1", 96)) for s in SEEDS]
     runs += [Run("ETTh1", 512, 96, "Time-VLM [defaults]", s, tvlm) for s in SEEDS]
     long_input = {"d_model 16, dropout 0.3": ({"d_model": 16, "dropout": 0.3}, {}),
                   "d_model 16, dropout 0.3, lr 3e-4": ({"d_model": 16, "dropout": 0.3}, {"lr": 3e-4}),

@@ -21,26 +21,17 @@ Writes `results/step_speed.csv`.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 from pathlib import Path
 
 from harness import libraries, run_child, write_rows
 
+from timevlm.train import apply_overrides
+
 OUT = Path(__file__).resolve().parent / "results"
 MODES = ("fp32", "bf16", "compile", "compile+bf16")  # bf16: autocast; compile: torch.compile
-
-
-def _parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
-    import yaml
-
-    out: dict[str, dict[str, object]] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not name or not _:
-            raise SystemExit(f"--set wants section.key=value, got {item!r}")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
-    return out
 
 
 def matmul_rate(device: str, dtype, n: int = 1024, seconds: float = 1.0) -> float:
@@ -67,8 +58,7 @@ def matmul_rate(device: str, dtype, n: int = 1024, seconds: float = 1.0) -> floa
             a @ b
         sync()
         rates.append(2 * n ** 3 * per / (time.perf_counter() - t))
-    rates.sort()
-    return rates[len(rates) // 2]
+    return statistics.median(rates)
 
 
 def measure(spec: dict) -> dict:
@@ -131,7 +121,7 @@ def measure(spec: dict) -> dict:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    width = 2 ** round(__import__("math").log2(max(cfg.d_model, 64)))
+    width = 2 ** round(math.log2(max(cfg.d_model, 64)))
     rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32, n=max(512, 8 * width))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"times": times, "flops": flops, "rate": rate, "peak_mb": peak, "params": trainable,
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     info = get_dataset(args.dataset)
     model = {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
-             **_parse_sets(args.set).get("model", {})}
+             **apply_overrides({}, args.set).get("model", {})}
     base = {"model": model, "batch": args.batch, "device": args.device, "threads": args.threads,
             "iters": args.iters, "warmup": args.warmup}
     results: dict[tuple[str, str], list[dict]] = {}
@@ -180,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     res = run_child("step_speed", "measure", {**base, "mode": mode}, path)
                     results.setdefault((lib, mode), []).append(res)
                     print(f"  round {r + 1}/{args.rounds} {lib:>8} {mode:<7} "
-                          f"{sorted(res['times'])[len(res['times']) // 2]:.4f} s/iter", flush=True)
+                          f"{statistics.median(res['times']):.4f} s/iter", flush=True)
     rows = []
     ref = results[("now", args.modes[0])]
     ref_med = _quantiles([t for r in ref for t in r["times"]])[1]
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{'of limit':>8} {'x vs now/' + args.modes[0]:>14} {'peak MB':>8} {'params':>10}")
     for (lib, mode), runs in results.items():
         q1, med, q3 = _quantiles([t for r in runs for t in r["times"]])
-        flops, rate = runs[0]["flops"], sorted(r["rate"] for r in runs)[len(runs) // 2]
+        flops, rate = runs[0]["flops"], statistics.median(r["rate"] for r in runs)
         frac = flops / med / rate
         row = {"library": lib, "mode": mode, "device": args.device, "dataset": args.dataset, "seq_len": args.seq_len,
                "batch": args.batch, "model": str(model), "threads": runs[0]["threads"], "s_per_iter": med,
@@ -224,7 +214,7 @@ def frozen_parameters(model: dict) -> int | None:
 def table7(args) -> list[dict]:
     from timevlm.data.registry import get_dataset
 
-    sets = _parse_sets(args.set).get("model", {})
+    sets = apply_overrides({}, args.set).get("model", {})
     frozen = frozen_parameters({"seq_len": args.seq_len, **sets})  # the same VLM for every dataset
     rows = []
     for name in TABLE7_DATASETS:
