@@ -214,15 +214,56 @@ def plan_int8() -> list[Run]:
                 {"model": {"model": "timevlm", "vlm_int8": q}}) for q in (False, True) for s in SEEDS]
 
 
+def plan_ema() -> list[Run]:
+    """Weight averaging (`train.ema_decay`) on CPU: Time-VLM at seq_len 96 (defaults) and 512 (`long_input`),
+    without it and with two decays, on ETTh1; DLinear beside it with and without, so a gain that any model
+    would get from the training loop is not credited to Time-VLM."""
+    from timevlm.presets import preset_overrides
+
+    runs: list[Run] = []
+    for seq_len, model in ((96, {}), (512, preset_overrides("long_input", "ETTh1", 96)["model"])):
+        for name, decay in (("", None), (" [EMA 0.995]", 0.995), (" [EMA 0.999]", 0.999)):
+            train = {"ema_decay": decay}
+            runs += [Run("ETTh1", seq_len, 96, f"Time-VLM{name}", s,
+                         {"model": {"model": "timevlm", **model}, "train": train}) for s in SEEDS]
+            if decay != 0.999:
+                runs += [Run("ETTh1", seq_len, 96, f"DLinear{name}", s, {**_model("dlinear"), "train": train})
+                         for s in SEEDS]
+    return runs
+
+
+def plan_ema_check() -> list[Run]:
+    """`train.ema_decay` 0.999 beyond ETTh1: ETTh2 and ETTm1 at 96 (Time-VLM defaults, DLinear), ETTh2 at 512
+    (`long_input`, DLinear), one seed; PatchTST (published settings) at ETTh1 512, two seeds."""
+    from timevlm.presets import preset_overrides
+
+    long_input = preset_overrides("long_input", "ETTh1", 96)["model"]
+    runs: list[Run] = []
+    for name, decay in (("", None), (" [EMA 0.999]", 0.999)):
+        train = {"ema_decay": decay}
+        for dataset, seq_len, model in (("ETTh2", 96, {}), ("ETTm1", 96, {}), ("ETTh2", 512, long_input)):
+            runs.append(Run(dataset, seq_len, 96, f"Time-VLM{name}", SEEDS[0],
+                            {"model": {"model": "timevlm", **model}, "train": train}))
+            runs.append(Run(dataset, seq_len, 96, f"DLinear{name}", SEEDS[0], {**_model("dlinear"), "train": train}))
+        runs += [Run("ETTh1", 512, 96, f"PatchTST (published){name}", s,
+                     {**_model("patchtst", d_model=16, dropout=0.3), "train": train}) for s in SEEDS]
+    return runs
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
-         "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8}
+         "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
+         "ema": plan_ema, "ema-check": plan_ema_check}
 
 
-def _prebuild(cfg: dict) -> str:
+def _prebuild(cfg: dict, threads: int = 0) -> str:
     """Build (or find) every split's VLM features for one config; returns a one-line summary."""
+    import torch
+
     from timevlm.config import ExperimentConfig
     from timevlm.experiment import prepare
 
+    if threads:  # builds side by side share the cores (two 2-thread builds on 2 cores ran at a third of one)
+        torch.set_num_threads(threads)
     exp = ExperimentConfig.from_dict(cfg)
     t0 = time.perf_counter()
     p = prepare(exp, progress=False)
@@ -320,8 +361,10 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     feature_cfgs = _feature_configs(runs, cfgs)
     print(f"{len(runs)} runs; building features for {len(feature_cfgs)} settings", flush=True)
-    with cf.ProcessPoolExecutor(min(len(feature_cfgs), args.parallel) or 1, mp_context=ctx) as pool:
-        for line in pool.map(_prebuild, feature_cfgs):
+    builders = min(len(feature_cfgs), args.parallel) or 1
+    threads = max(1, (os.cpu_count() or 1) // builders) if builders > 1 else 0
+    with cf.ProcessPoolExecutor(builders, mp_context=ctx) as pool:
+        for line in pool.map(_prebuild, feature_cfgs, [threads] * len(feature_cfgs)):
             print(f"  features {line}", flush=True)
     print(f"features ready after {time.perf_counter() - t0:.0f}s", flush=True)
     new = not csv_path.exists()

@@ -8,7 +8,8 @@ and the fraction of that limit the step reaches, in one run on one machine.
     python benchmarks/step_speed.py --table7                          # the paper's Table 7 row, five datasets
 
 The step is what a cached trial repeats: forward of Time-VLM on a batch of windows and its frozen-VLM
-features (the shapes the cache holds), MSE loss, backward, AdamW. Inputs are random tensors of the real
+features (the shapes the cache holds), MSE loss, backward, AdamW, and the weight average's update where the
+library's defaults keep one (`train.ema_decay`). Inputs are random tensors of the real
 shapes (speed does not depend on their values), so this runs without data or encoder weights.
 
 Each (library, mode) measurement runs in its own process, and they alternate over `--rounds` rounds, so a
@@ -84,6 +85,7 @@ def measure(spec: dict) -> dict:
     feats = {"vision": torch.randn(b, cfg.vision_tokens, vdim, device=device),
              "text": torch.randn(b, 1, tdim, device=device)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ema = _weight_average(model)
     fwd = torch.compile(model) if "compile" in mode else model
     amp = "bf16" in mode
     dev_type = "cuda" if device == "cuda" else "cpu"
@@ -94,6 +96,8 @@ def measure(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -126,6 +130,16 @@ def measure(spec: dict) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"times": times, "flops": flops, "rate": rate, "peak_mb": peak, "params": trainable,
             "threads": torch.get_num_threads(), "library": str(Path(timevlm.__file__).parent)}
+
+
+def _weight_average(model):
+    """The weight average a trial keeps after every step when the library's default has one (train.ema_decay),
+    so the step timed is the step a trial repeats; None for libraries without it."""
+    from timevlm import training
+    from timevlm.config import TrainConfig
+
+    decay = getattr(TrainConfig(), "ema_decay", None)
+    return training._weight_average(model, decay) if decay else None
 
 
 def _quantiles(t: list[float]) -> tuple[float, float, float]:

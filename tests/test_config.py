@@ -31,6 +31,8 @@ def test_other_sections_validate():
         DataConfig(percent=0)
     with pytest.raises(ConfigError, match="lr must be in"):
         TrainConfig(lr=5)
+    with pytest.raises(ConfigError, match="ema_decay must be in \\(0, 1\\) or null, got 1"):
+        TrainConfig(ema_decay=1)
     with pytest.raises(ConfigError, match="unknown key\\(s\\) in 'model': dmodel"):
         ExperimentConfig.from_dict({"model": {"dmodel": 3}})
 

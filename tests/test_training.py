@@ -88,3 +88,33 @@ def test_validation_keeps_the_multimodal_residual_only_where_it_helps(data_dir, 
     with torch.no_grad():
         model.multimodal.correction[-1].weight.zero_()  # a harmless one (zero): ties keep it open
     assert validate(model, val, feats, 256, torch.device("cpu"), False)["residual_scale"] == 1.0
+
+
+def test_weight_average_is_what_validation_scores_keeps_and_resumes(data_dir, shared_cache):
+    cfg = tiny(shared_cache, epochs=3, ema_decay=0.9)
+    states = []
+    p = prepare(cfg, progress=False)
+    full = fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
+               val_feats=p.features["val"], on_epoch_end=lambda m, s, imp: states.append(copy.deepcopy(s)))
+    best = states[full.best_epoch - 1]
+    params = [k for k, _ in p.model.named_parameters()]
+    for k in params:  # the kept weights are the average at the best epoch, not the weights trained to then
+        assert torch.equal(best.best_state[k], best.ema[f"module.{k}"])
+    assert any(not torch.equal(best.best_state[k], best.model[k]) for k in params)
+    final = p.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in best.best_state.items())
+    p2 = prepare(cfg, progress=False)
+    resumed = fit(p2.model, p2.splits["train"], p2.splits["val"], cfg.train, train_feats=p2.features["train"],
+                  val_feats=p2.features["val"], resume=states[0])
+    assert [h.val_mse for h in resumed.history] == [h.val_mse for h in full.history]
+
+
+def test_weight_average_warms_up_its_decay():
+    from timevlm.training import _ema_with_warmup
+
+    update = _ema_with_warmup(0.99)
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, cur, torch.tensor(1))  # decay min(0.99, 2/11): the average moves most of the way at first
+    assert torch.allclose(avg[0], torch.full((3,), 9 / 11))
+    update(avg, cur := [torch.zeros(3)], torch.tensor(10 ** 6))  # later: the full decay
+    assert torch.allclose(avg[0], torch.full((3,), 9 / 11 * 0.99))

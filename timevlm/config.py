@@ -127,6 +127,9 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None
     grad_clip: float | None = 1.0
+    # an exponential moving average of the weights, updated after every step with this decay (None: off); it is
+    # what validation scores, what early stopping keeps and what the test sees (torch.optim.swa_utils)
+    ema_decay: float | None = None
     use_feature_cache: bool = True
     cache_dir: str | None = None  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
     cache_fallback: Literal["error", "memory"] = "error"  # an unwritable cache: fail naming it, or compute in memory
@@ -137,6 +140,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1,
+                 f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
         _require(self.cache_fallback in ("error", "memory"),
                  f"cache_fallback must be error or memory, got {self.cache_fallback!r}")
         _require(self.lr_schedule in ("cosine", "halving", "constant"),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from timevlm.config import TrainConfig
@@ -100,6 +101,7 @@ class TrainState:
     bad_epochs: int
     history: list[EpochMetrics] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] | None = None  # the weight average's state (train.ema_decay), None without one
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -168,12 +170,49 @@ def _train_mode(model: nn.Module) -> None:
         inner.set_residual_scale(1.0)  # training always sees the residual as learned
 
 
+def _ema_with_warmup(decay: float) -> Callable:
+    """torch.optim.swa_utils' EMA update with the decay ramped up as min(decay, (1 + n) / (10 + n)) over the
+    first updates: a fixed 0.999 would still hold 78% of the random initial weights after ETTh1's first epoch
+    (265 steps), and at seq_len 512 the best epoch is often the first or second."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
+def _weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of `model`'s parameters (torch.optim.swa_utils), or None. Buffers are not
+    averaged (a memory bank's slots, Time-VLM's `initialized` flag): `_sync_buffers` copies the live ones in."""
+    if decay is None:
+        return None
+    encoder = getattr(model, "_encoder", None)  # an attached frozen VLM is shared, never copied
+    if encoder is not None:
+        model.attach_encoder(None)
+    try:
+        return AveragedModel(model, multi_avg_fn=_ema_with_warmup(decay), use_buffers=False)
+    finally:
+        if encoder is not None:
+            model.attach_encoder(encoder)
+
+
+@torch.no_grad()
+def _sync_buffers(ema: AveragedModel, model: nn.Module) -> nn.Module:
+    for avg, live in zip(ema.module.buffers(), model.buffers()):
+        avg.copy_(live)
+    if hasattr(model, "_encoder"):
+        ema.module.attach_encoder(model._encoder)
+    return ema.module
+
+
 def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         train_feats: SplitFeatures | None = None, val_feats: SplitFeatures | None = None,
         on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
         resume: TrainState | None = None) -> FitResult:
     """Train with MSE loss; after each epoch evaluate on validation, keep the best weights, stop after
-    `patience` epochs without improvement, and load the best weights back into `model` at the end."""
+    `patience` epochs without improvement, and load the best weights back into `model` at the end. With
+    `cfg.ema_decay` the weights validated, kept and loaded back are the moving average of the trained ones."""
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -184,6 +223,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     loss_fn = nn.MSELoss()
     amp = cfg.amp and device.type == "cuda"
+    inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
+    ema = _weight_average(inner, cfg.ema_decay)
 
     if resume is not None:
         model.load_state_dict(resume.model)
@@ -193,9 +234,11 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         if resume.rng:
             torch.set_rng_state(resume.rng["torch"])
             loader.generator.set_state(resume.rng["loader"])
+        if ema is not None and resume.ema is not None:
+            ema.load_state_dict(resume.ema)
     else:
         start, best_val, best_epoch, bad, history = 0, float("inf"), -1, 0, []
-        best_state = copy.deepcopy(model.state_dict())
+        best_state = copy.deepcopy(inner.state_dict())
 
     stopped_early = False
     for epoch in range(start, cfg.epochs):
@@ -219,14 +262,17 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(inner)
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
-        scores = validate(model, val, val_feats, max(cfg.batch_size, 256), device, amp)
+        scored = inner if ema is None else _sync_buffers(ema, inner)
+        scores = validate(scored, val, val_feats, max(cfg.batch_size, 256), device, amp)
         improved = scores["mse"] < best_val
         if improved:
             best_val, best_epoch, bad = scores["mse"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
         else:
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
@@ -235,7 +281,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         history.append(m)
         if on_epoch_end is not None:
             state = TrainState(epoch + 1, model.state_dict(), opt.state_dict(), best_state, best_val, best_epoch,
-                               bad, history, {"torch": torch.get_rng_state(), "loader": loader.generator.get_state()})
+                               bad, history, {"torch": torch.get_rng_state(), "loader": loader.generator.get_state()},
+                               None if ema is None else ema.state_dict())
             on_epoch_end(m, state, improved)
-    model.load_state_dict(best_state)
+    inner.load_state_dict(best_state)
     return FitResult(history, best_epoch + 1, best_val, stopped_early)
