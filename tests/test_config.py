@@ -31,7 +31,7 @@ def test_other_sections_validate():
         DataConfig(percent=0)
     with pytest.raises(ConfigError, match="lr must be in"):
         TrainConfig(lr=5)
-    with pytest.raises(ConfigError, match="ema_decay must be in \\(0, 1\\) or null, got 1"):
+    with pytest.raises(ConfigError, match="ema_decay must be in \\(0, 1\\), auto or null, got 1"):
         TrainConfig(ema_decay=1)
     with pytest.raises(ConfigError, match="unknown key\\(s\\) in 'model': dmodel"):
         ExperimentConfig.from_dict({"model": {"dmodel": 3}})
@@ -41,3 +41,16 @@ def test_flat_roundtrip():
     e = ExperimentConfig.from_dict({"model": {"seq_len": 96}, "train": {"epochs": 2}})
     assert e.flat()["model.seq_len"] == 96 and e.flat()["train.epochs"] == 2
     assert ExperimentConfig.from_dict(e.to_dict()) == e
+
+
+def test_weight_averaging_is_each_models_own_setting_unless_set():
+    from timevlm.config import EMA_DECAY_BY_MODEL
+
+    assert TrainConfig().ema_decay == "auto"
+    for model, decay in EMA_DECAY_BY_MODEL.items():  # resolved to the number MLflow will show
+        assert ExperimentConfig.from_dict({"model": {"model": model}}).train.ema_decay == decay
+    assert ExperimentConfig().train.ema_decay == 0.999
+    explicit = ExperimentConfig.from_dict({"model": {"model": "dlinear"}, "train": {"ema_decay": 0.99}})
+    assert explicit.train.ema_decay == 0.99
+    assert ExperimentConfig.from_dict({"train": {"ema_decay": None}}).train.ema_decay is None
+    assert ExperimentConfig().flat()["train.ema_decay"] == 0.999
