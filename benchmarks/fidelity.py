@@ -267,10 +267,21 @@ def plan_ema_issue() -> list[Run]:
     return runs
 
 
+def plan_ema_heldout() -> list[Run]:
+    """After the per-model choice was made: ETTm2 96->96, a set none of the choice's runs used, Time-VLM and DLinear
+    with and without the average, seed 2021."""
+    runs: list[Run] = []
+    for name, decay in (("", None), (" [EMA 0.999]", 0.999)):
+        train = {"ema_decay": decay}
+        runs.append(Run("ETTm2", 96, 96, f"Time-VLM{name}", SEEDS[0], {**_model("timevlm"), "train": train}))
+        runs.append(Run("ETTm2", 96, 96, f"DLinear{name}", SEEDS[0], {**_model("dlinear"), "train": train}))
+    return runs
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
-         "ema-issue": plan_ema_issue}
+         "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:

@@ -202,6 +202,11 @@ def _weight_average(model: nn.Module, decay: float | str | None) -> AveragedMode
 
 @torch.no_grad()
 def _sync_buffers(ema: AveragedModel, model: nn.Module) -> nn.Module:
+    """The average, with the live model's buffers. In a data-parallel trial each rank's last forward updated its
+    memory bank from its own shard: rank 0's buffers go to every rank first, as DDP does before each forward."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for live in model.buffers():
+            torch.distributed.broadcast(live, 0)
     for avg, live in zip(ema.module.buffers(), model.buffers()):
         avg.copy_(live)
     if hasattr(model, "_encoder"):
@@ -270,12 +275,12 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
-        scored = inner if ema is None else _sync_buffers(ema, inner)
+        scored = model if ema is None else _sync_buffers(ema, inner)  # model: DDP's forward syncs buffers
         scores = validate(scored, val, val_feats, max(cfg.batch_size, 256), device, amp)
         improved = scores["mse"] < best_val
         if improved:
             best_val, best_epoch, bad = scores["mse"], epoch, 0
-            best_state = copy.deepcopy(scored.state_dict())
+            best_state = copy.deepcopy(getattr(scored, "module", scored).state_dict())
         else:
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
