@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--against", help="a git ref: measure the library at that commit too (a worktree)")
+    ap.add_argument("--against", nargs="*", default=[], metavar="REF",
+                    help="git refs: measure the library at those commits too (worktrees), interleaved")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=section.key=value[,...]",
                     help="also measure the current library with these settings (e.g. int8=model.vlm_int8=true)")
     ap.add_argument("--rounds", type=int, default=2)

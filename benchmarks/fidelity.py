@@ -278,10 +278,18 @@ def plan_ema_heldout() -> list[Run]:
     return runs
 
 
+def plan_dropout() -> list[Run]:
+    """#14's "fewer dropout calls": Time-VLM's defaults (weight average on) without the RAL's two remaining
+    dropouts (patch embeddings, flatten head), against the same defaults' rows in runs_cpu_ema*.csv; two seeds."""
+    ema = {"ema_decay": 0.999}
+    return [Run("ETTh1", seq_len, 96, "Time-VLM [defaults] [EMA 0.999] dropout 0", s,
+                {**_model("timevlm", dropout=0.0), "train": ema}) for seq_len in (512, 96) for s in SEEDS]
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
-         "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout}
+         "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:

@@ -17,20 +17,22 @@ HERE = Path(__file__).resolve().parent
 
 
 @contextmanager
-def libraries(ref: str | None) -> Iterator[dict[str, str | None]]:
-    """{"now": None} and, with `ref`, {ref: path of a temporary worktree at ref} (removed afterwards)."""
+def libraries(refs: str | list[str] | None) -> Iterator[dict[str, str | None]]:
+    """{"now": None} and, per git ref in `refs`, {ref: path of a temporary worktree at ref} (removed afterwards)."""
+    refs = [refs] if isinstance(refs, str) else list(refs or [])
     libs: dict[str, str | None] = {"now": None}
     with tempfile.TemporaryDirectory() as tmp:
-        if ref:
-            path = f"{tmp}/at-{ref}"
-            subprocess.run(["git", "worktree", "add", "--detach", path, ref], cwd=HERE, check=True,
-                           capture_output=True)
-            libs[ref] = path
         try:
+            for ref in refs:
+                path = f"{tmp}/at-{ref}"
+                subprocess.run(["git", "worktree", "add", "--detach", path, ref], cwd=HERE, check=True,
+                               capture_output=True)
+                libs[ref] = path
             yield libs
         finally:
-            if ref:
-                subprocess.run(["git", "worktree", "remove", "--force", libs[ref]], cwd=HERE, capture_output=True)
+            for ref, path in libs.items():
+                if path:
+                    subprocess.run(["git", "worktree", "remove", "--force", path], cwd=HERE, capture_output=True)
 
 
 def run_child(module: str, func: str, spec: dict, library: str | None) -> dict:

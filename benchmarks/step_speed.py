@@ -99,9 +99,7 @@ def measure(spec: dict) -> dict:
         if ema is not None:
             ema.update_parameters(model)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with _flop_counter() as counter:
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
             loss = torch.nn.functional.mse_loss(model(x, feats).float(), y)
         loss.backward()
@@ -132,6 +130,26 @@ def measure(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "library": str(Path(timevlm.__file__).parent)}
 
 
+def _flop_counter():
+    """torch's FlopCounterMode, also counting the CPU fused attention kernel and its backward, which torch's
+    registry leaves out (it has formulas for the CUDA kernels only): without them the step's attention, the
+    same score and value products the unfused path was counted for, would be work the count never saw."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)  # shapes: FlopCounterMode passes those
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def _weight_average(model):
     """The weight average a trial keeps after every step when the library's default has one (train.ema_decay),
     so the step timed is the step a trial repeats; None for libraries without it."""
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--modes", nargs="*", default=["fp32"], choices=MODES)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
-    ap.add_argument("--against", help="a git ref: measure the library at that commit too (a worktree)")
+    ap.add_argument("--against", nargs="*", default=[], metavar="REF",
+                    help="git refs: measure the library at those commits too (worktrees), interleaved")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

@@ -140,6 +140,22 @@ def test_memory_bank_is_a_buffer_updated_only_in_training():
     assert torch.equal(bank.slots, trained)  # evaluation windows never leak into the memory
 
 
+def test_memory_bank_retrieval_is_attention_over_its_slots():
+    """The folded products compute what the bank's definition says: out(softmax(query(h) slots^T / sqrt(d)) slots),
+    and gradients reach the query and output projections the same way."""
+    torch.manual_seed(0)
+    bank = MemoryBank(CFG).eval()
+    bank.slots.normal_()
+    h = torch.randn(16, 12, 32)
+    got = bank(h)
+    want = bank.out(torch.softmax(bank.query(h) @ bank.slots.T / 32 ** 0.5, dim=-1) @ bank.slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), [bank.query.weight, bank.query.bias, bank.out.weight])
+    wants = torch.autograd.grad(want.square().sum(), [bank.query.weight, bank.query.bias, bank.out.weight])
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_val_channels():
     t = torch.arange(96, dtype=torch.float32)
     x = torch.sin(2 * torch.pi * t / 24)[None, :, None].repeat(2, 1, 3) + 0.1 * torch.randn(2, 96, 3)

@@ -2,9 +2,11 @@
 
 `Dropout`: `nn.Dropout` draws one random number per element through the CPU generator, which on a 2-core
 machine cost more than all the step's matrix products together (39% of a seq_len-512 step). This one draws
-64-bit random words and cuts each into four 16-bit draws, so the generator runs a quarter as often; an
-element is kept with probability 1 - p (p rounded to 1/65536), and kept ones are scaled by 1/(1 - p), as
-`nn.Dropout` does. Off the CPU it is `F.dropout` (the GPU generator is fast).
+64-bit random words and cuts each into four 16-bit draws; an element is kept with probability 1 - p (p
+rounded to 1/65536), and kept ones are scaled by 1/(1 - p), as `nn.Dropout` does. The words come from
+NumPy's SFC64 generator, seeded per call from torch's CPU generator (so `torch.manual_seed` still decides
+every mask): it fills them 2.2x faster than torch's Mersenne Twister (1.0 against 2.2 ms for a seq_len-512
+step's 1.8M elements). Off the CPU it is `F.dropout` (the GPU generator is fast).
 
 `multihead_attention`: the projections of an `nn.MultiheadAttention` (so state_dicts keep their names) around
 `F.scaled_dot_product_attention` without attention dropout, which lets PyTorch take its fused kernel; a random
@@ -12,11 +14,12 @@ mask over every head's query x key weights was the other large cost of the step 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_WORD = 2 ** 63 - 1
+_SEED = 2 ** 63 - 1
 
 
 class Dropout(nn.Dropout):
@@ -26,7 +29,9 @@ class Dropout(nn.Dropout):
         if x.device.type != "cpu" or self.p >= 1.0:
             return F.dropout(x, self.p, True)
         n = x.numel()
-        draws = torch.randint(-_WORD - 1, _WORD, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        seed = int(torch.randint(_SEED, ()))
+        words = np.random.SFC64(seed).random_raw((n + 3) // 4)
+        draws = torch.from_numpy(words.view(np.int16)[:n])
         keep = draws.view(x.shape) >= int(-32768 + round(self.p * 65536))
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
 

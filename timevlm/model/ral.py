@@ -62,11 +62,16 @@ class MemoryBank(nn.Module):
         self.slots[hit] = self.momentum * self.slots[hit] + (1 - self.momentum) * means
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """out(softmax(query(h) slots^T / sqrt(d)) slots), with both projections folded into the M slots first:
+        (h Wq^T + bq) slots^T = h (slots Wq)^T + slots bq and (a slots) Wo^T = a (Wo slots^T)^T. The same function
+        of the same parameters, but its matrix products are [M, d] x [d, d] instead of [B*P, d] x [d, d]: at
+        seq_len 512 this drops two of the step's twelve full-width projections (forward and backward)."""
         if self.training:
             self._update(h)
         slots = self.slots.to(h.dtype)
-        attn = torch.softmax(self.query(h) @ slots.T * self.scale, dim=-1)
-        return self.out(attn @ slots)
+        keys, key_bias = slots @ self.query.weight * self.scale, slots @ self.query.bias * self.scale
+        attn = torch.softmax(F.linear(h, keys, key_bias), dim=-1)
+        return F.linear(attn, self.out.weight @ slots.T, self.out.bias)
 
 
 class LocalAttention(nn.Module):
