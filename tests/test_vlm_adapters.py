@@ -80,3 +80,25 @@ def test_hub_adapter_loads_tiny_local_model(tmp_path, variant, make, dims):
 def test_unknown_vlm_is_rejected():
     with pytest.raises(ConfigError, match="unknown VLM 'gpt4v'"):
         ModelConfig(vlm="gpt4v")
+
+
+def test_custom_vision_encoder_folds_batchnorm_and_padding_without_changing_features():
+    """The adapter's EfficientNet has no BatchNorm left and pads inside its convolutions, and still computes
+    what the published network computes (an unfolded copy of the same weights)."""
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from timevlm.model.vlm.custom import _weight_paths
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(_weight_paths()[0])).eval()
+    adapter = load_vlm(ModelConfig(vlm="custom"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in adapter.vision.modules())
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) and m.padding[0] == m.padding[1]
+                   for m in adapter.vision.modules())
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(adapter.vision.extract_features(x.contiguous(memory_format=torch.channels_last)),
+                                   reference.extract_features(x), rtol=1e-4, atol=1e-4)

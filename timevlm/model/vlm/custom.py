@@ -37,6 +37,7 @@ class CustomVLM(VLMAdapter):
         weights, text_dir = _weight_paths()
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
             self.vision = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        self.vision = _fold_for_inference(self.vision.eval())
         self.vision.to(memory_format=torch.channels_last)  # depthwise convolutions run ~1.5x faster so on CPU
         self.tokenizer = AutoTokenizer.from_pretrained(text_dir)
         self.text = AutoModel.from_pretrained(text_dir)
@@ -77,6 +78,34 @@ class CustomVLM(VLMAdapter):
             return super()._apply(fn, recurse)
         finally:
             self._modules["text"] = text
+
+
+def _fold_for_inference(net: torch.nn.Module) -> torch.nn.Module:
+    """The frozen EfficientNet with each BatchNorm folded into the convolution before it
+    (`torch.nn.utils.fusion.fuse_conv_bn_eval`) and each symmetric "same" padding moved into its convolution:
+    the same function (float rounding apart) without a separate pass over the activations for every
+    normalisation and every zero-padding. Raises if a BatchNorm is left, so a changed network is not half-folded."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"),
+                  (block, "_project_conv", "_bn2")]
+    for owner, conv_name, bn_name in pairs:
+        if isinstance(getattr(owner, bn_name, None), nn.BatchNorm2d):
+            setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name), getattr(owner, bn_name)))
+            setattr(owner, bn_name, nn.Identity())
+    left = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise RuntimeError(f"EfficientNet layout changed: BatchNorm layers left unfolded: {left[:3]}")
+    for conv in net.modules():
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(pad, nn.ZeroPad2d):
+            left_w, right_w, top, bottom = pad.padding
+            if left_w == right_w and top == bottom:
+                conv.padding, conv.static_padding = (top, left_w), nn.Identity()
+    return net
 
 
 CPU_CHUNK = 32
