@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from timevlm.errors import ConfigError
@@ -54,3 +55,15 @@ def test_weight_averaging_is_each_models_own_setting_unless_set():
     assert explicit.train.ema_decay == 0.99
     assert ExperimentConfig.from_dict({"train": {"ema_decay": None}}).train.ema_decay is None
     assert ExperimentConfig().flat()["train.ema_decay"] == 0.999
+
+
+def test_fit_with_a_bare_train_config_averages_as_the_experiment_would():
+    """`fit` given TrainConfig() ("auto") picks the same setting by the module's class as the config by name."""
+    from timevlm.model import build_model
+    from timevlm.training import _weight_average
+
+    for name in ("timevlm", "dlinear", "patchtst"):
+        model = build_model(ModelConfig(model=name, seq_len=96, pred_len=24, n_vars=7, periodicity=24, d_model=16))
+        ema = _weight_average(model, "auto")
+        assert (ema is None) == (ExperimentConfig.from_dict({"model": {"model": name}}).train.ema_decay is None)
+    assert _weight_average(torch.nn.Linear(2, 2), "auto") is None  # a model with no setting: no average

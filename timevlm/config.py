@@ -118,6 +118,12 @@ class DataConfig:
 EMA_DECAY_BY_MODEL: dict[str, float | None] = {"timevlm": 0.999, "dlinear": None, "patchtst": 0.999}
 
 
+def resolve_ema_decay(decay: float | str | None, model_name: str) -> float | None:
+    """`train.ema_decay` as the number a run uses (None: no average); "auto" is `model_name`'s own setting
+    (EMA_DECAY_BY_MODEL; a model it does not list trains without an average)."""
+    return EMA_DECAY_BY_MODEL.get(model_name) if decay == "auto" else decay
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -167,7 +173,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.train.ema_decay == "auto":  # the number the run will use, so it is what MLflow shows
-            self.train = dataclasses.replace(self.train, ema_decay=EMA_DECAY_BY_MODEL[self.model.model])
+            self.train = dataclasses.replace(self.train,
+                                             ema_decay=resolve_ema_decay("auto", self.model.model))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from timevlm.config import EMA_DECAY_BY_MODEL, TrainConfig
+from timevlm.config import TrainConfig, resolve_ema_decay
 from timevlm.data.windows import SplitData, make_loader
 from timevlm.features import SplitFeatures
 from timevlm.metrics import mae, mse
@@ -185,9 +185,9 @@ def _ema_with_warmup(decay: float) -> Callable:
 def _weight_average(model: nn.Module, decay: float | str | None) -> AveragedModel | None:
     """An exponential moving average of `model`'s parameters (torch.optim.swa_utils), or None. Buffers are not
     averaged (a memory bank's slots, Time-VLM's `initialized` flag): `_sync_buffers` copies the live ones in.
-    "auto": the model's own setting (EMA_DECAY_BY_MODEL, by class name: TimeVLM, DLinear, PatchTST)."""
-    if decay == "auto":
-        decay = EMA_DECAY_BY_MODEL.get(type(model).__name__.lower())
+    "auto" (`fit` called with a bare TrainConfig): the model's own setting, found by class name (TimeVLM,
+    DLinear, PatchTST are the registry's names lower-cased)."""
+    decay = resolve_ema_decay(decay, type(model).__name__.lower())
     if decay is None:
         return None
     encoder = getattr(model, "_encoder", None)  # an attached frozen VLM is shared, never copied
