@@ -11,15 +11,14 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 HERE = Path(__file__).resolve().parent
 
 
 @contextmanager
-def libraries(refs: str | list[str] | None) -> Iterator[dict[str, str | None]]:
+def libraries(refs: Sequence[str]) -> Iterator[dict[str, str | None]]:
     """{"now": None} and, per git ref in `refs`, {ref: path of a temporary worktree at ref} (removed afterwards)."""
-    refs = [refs] if isinstance(refs, str) else list(refs or [])
     libs: dict[str, str | None] = {"now": None}
     with tempfile.TemporaryDirectory() as tmp:
         try:
