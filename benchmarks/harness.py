@@ -18,11 +18,16 @@ HERE = Path(__file__).resolve().parent
 
 @contextmanager
 def libraries(refs: Sequence[str]) -> Iterator[dict[str, str | None]]:
-    """{"now": None} and, per git ref in `refs`, {ref: path of a temporary worktree at ref} (removed afterwards)."""
+    """{"now": None} and, per git ref in `refs`, {ref: path of a temporary worktree at ref} (removed afterwards).
+    A ref that is a directory holding a `timevlm` package is used as it is (a copy of an older library carried
+    to a machine without the repository's history, such as a lent GPU machine)."""
     libs: dict[str, str | None] = {"now": None}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for ref in refs:
+                if (Path(ref) / "timevlm" / "__init__.py").is_file():
+                    libs[ref] = str(Path(ref).resolve())
+                    continue
                 path = f"{tmp}/at-{ref}"
                 subprocess.run(["git", "worktree", "add", "--detach", path, ref], cwd=HERE, check=True,
                                capture_output=True)
@@ -30,7 +35,7 @@ def libraries(refs: Sequence[str]) -> Iterator[dict[str, str | None]]:
             yield libs
         finally:
             for ref, path in libs.items():
-                if path:
+                if path and path.startswith(tmp):
                     subprocess.run(["git", "worktree", "remove", "--force", path], cwd=HERE, capture_output=True)
 
 

@@ -4,7 +4,7 @@ and the fraction of that limit the step reaches, in one run on one machine.
     python benchmarks/step_speed.py                                   # ETTh1 512->96, batch 32, our defaults
     python benchmarks/step_speed.py --against b0cad08                 # and the library at that commit, interleaved
     python benchmarks/step_speed.py --modes fp32 bf16 --set model.d_model=32
-    python benchmarks/step_speed.py --device cuda --modes fp32 bf16 compile
+    python benchmarks/step_speed.py --device cuda --modes fp32 bf16 compile compile-graphs
     python benchmarks/step_speed.py --table7                          # the paper's Table 7 row, five datasets
 
 The step is what a cached trial repeats: forward of Time-VLM on a batch of windows and its frozen-VLM
@@ -32,7 +32,9 @@ from harness import libraries, run_child, write_rows
 from timevlm.train import apply_overrides
 
 OUT = Path(__file__).resolve().parent / "results"
-MODES = ("fp32", "bf16", "compile", "compile+bf16")  # bf16: autocast; compile: torch.compile
+# bf16: autocast; compile: torch.compile; compile-graphs: torch.compile(mode="reduce-overhead"), which on CUDA
+# replays the forward and backward as CUDA graphs (one launch instead of hundreds: the batch-32 step is launch-bound)
+MODES = ("fp32", "bf16", "compile", "compile+bf16", "compile-graphs", "compile-graphs+bf16")
 
 
 def matmul_rate(device: str, dtype, n: int = 1024, seconds: float = 1.0) -> float:
@@ -84,37 +86,35 @@ def measure(spec: dict) -> dict:
     vdim, tdim = feature_dims(cfg)
     feats = {"vision": torch.randn(b, cfg.vision_tokens, vdim, device=device),
              "text": torch.randn(b, 1, tdim, device=device)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ema = _weight_average(model)
-    fwd = torch.compile(model) if "compile" in mode else model
+    if "compile" in mode:
+        fwd = torch.compile(model, mode="reduce-overhead" if "graphs" in mode else "default")
+    else:
+        fwd = model
     amp = "bf16" in mode
     dev_type = "cuda" if device == "cuda" else "cpu"
+    step = _library_step(model, fwd, torch.device(device))
 
-    def step() -> None:
+    def timed_step() -> None:
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.mse_loss(fwd(x, feats).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
+            loss = step.loss(x, feats, y)
+        step.update(loss)
 
     with _flop_counter() as counter:
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
             loss = torch.nn.functional.mse_loss(model(x, feats).float(), y)
         loss.backward()
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(spec["warmup"] + (3 if "compile" in mode else 0)):
-        step()
+        timed_step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(spec["iters"]):
         sync()
         t = time.perf_counter()
-        step()
+        timed_step()
         sync()
         times.append(time.perf_counter() - t)
     if device == "cuda":
@@ -150,14 +150,41 @@ def _flop_counter():
         aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
-def _weight_average(model):
-    """The weight average a trial keeps after every step when the library's default has one (train.ema_decay),
-    so the step timed is the step a trial repeats; None for libraries without it."""
+def _library_step(model, fwd, device):
+    """The library's own training step (`timevlm.training.TrainStep`: MSE, backward, gradient clipping, its
+    optimiser, the weight average where its defaults keep one), with the forward through `fwd` (the model or
+    its compiled form). Libraries from before TrainStep get the step their `fit` ran, rebuilt here: AdamW with
+    torch's defaults, clipping at 1.0 and the weight average if their TrainConfig has one."""
+    import torch
+
     from timevlm import training
     from timevlm.config import TrainConfig
 
-    decay = getattr(TrainConfig(), "ema_decay", None)
-    return training._weight_average(model, decay) if decay else None
+    cfg = TrainConfig(lr=1e-3)
+    if hasattr(training, "TrainStep"):
+        step = training.TrainStep(model, cfg, device)
+        step.model = fwd
+        return step
+
+    class Rebuilt:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        decay = getattr(cfg, "ema_decay", None)
+        ema = training._weight_average(model, decay) if decay else None
+
+        def loss(self, x, feats, y):
+            return torch.nn.functional.mse_loss(fwd(x, feats).float(), y)
+
+        def update(self, loss):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update_parameters(model)
+
+    return Rebuilt()
 
 
 def _quantiles(t: list[float]) -> tuple[float, float, float]:

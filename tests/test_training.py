@@ -118,3 +118,32 @@ def test_weight_average_warms_up_its_decay():
     assert torch.allclose(avg[0], torch.full((3,), 9 / 11))
     update(avg, cur := [torch.zeros(3)], torch.tensor(10 ** 6))  # later: the full decay
     assert torch.allclose(avg[0], torch.full((3,), 9 / 11 * 0.99))
+
+
+def test_train_step_fused_adamw_takes_the_same_steps_and_resumes_an_unfused_state():
+    from timevlm.training import TrainStep
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(seq_len=48, pred_len=24, d_model=32, d_fusion=64, memory_size=8, model="dlinear", n_vars=3)
+    from timevlm.model.timevlm import build_model
+
+    fused_model = build_model(cfg)
+    plain_model = copy.deepcopy(fused_model)
+    train = TrainConfig(lr=1e-2, weight_decay=0.01, ema_decay=None)
+    step = TrainStep(fused_model, train, torch.device("cpu"))
+    assert step.opt.param_groups[0]["fused"] is True  # torch's one-pass kernel on CPU
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.01)
+    x, y = torch.randn(8, 48, 3), torch.randn(8, 24, 3)
+    for _ in range(5):
+        step.update(step.loss(x, None, y))
+        plain.zero_grad()
+        loss = torch.nn.functional.mse_loss(plain_model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(plain_model.parameters()), train.grad_clip)
+        plain.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a checkpoint written by the unfused optimiser (trials before the change) resumes into the fused one
+    step.opt.load_state_dict(plain.state_dict())
+    step.update(step.loss(x, None, y))
+    assert all(torch.isfinite(p).all() for p in fused_model.parameters())
