@@ -286,10 +286,21 @@ def plan_dropout() -> list[Run]:
                 {**_model("timevlm", dropout=0.0), "train": ema}) for seq_len in (512, 96) for s in SEEDS]
 
 
+def plan_step_check() -> list[Run]:
+    """After a change to the training step (session 8: the fused AdamW): Time-VLM's defaults (weight average on)
+    at ETTh1 96->96, seeds 2021/2022, and 512->96, seeds 2021-2024, the settings of runs_cpu_s7_check.csv and
+    runs_cpu_s7_seeds.csv, which hold the same rows for the step before."""
+    ema = {"ema_decay": 0.999}
+    return ([Run("ETTh1", 96, 96, "Time-VLM [EMA 0.999]", s, {**_model("timevlm"), "train": ema}) for s in SEEDS]
+            + [Run("ETTh1", 512, 96, "Time-VLM [defaults] [EMA 0.999]", s, {**_model("timevlm"), "train": ema})
+               for s in (2021, 2022, 2023, 2024)])
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
-         "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout}
+         "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout,
+         "step-check": plan_step_check}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:

@@ -106,8 +106,12 @@ def measure(spec: dict) -> dict:
     model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
     for _ in range(spec["warmup"] + (3 if "compile" in mode else 0)):
         timed_step()
+    sync()
+    warmup_s = time.perf_counter() - t0  # with torch.compile: the compilation (and graph capture) a trial pays
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -126,7 +130,7 @@ def measure(spec: dict) -> dict:
     width = 2 ** round(math.log2(max(cfg.d_model, 64)))
     rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32, n=max(512, 8 * width))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"times": times, "flops": flops, "rate": rate, "peak_mb": peak, "params": trainable,
+    return {"times": times, "flops": flops, "rate": rate, "peak_mb": peak, "params": trainable, "warmup_s": warmup_s,
             "threads": torch.get_num_threads(), "library": str(Path(timevlm.__file__).parent)}
 
 
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\n{args.dataset} seq_len {args.seq_len} -> 96, batch {args.batch}, model {model}, device {args.device}, "
           f"{ref[0]['threads']} threads, {args.rounds} rounds x {args.iters} iterations")
     print(f"{'library':>8} {'mode':<7} {'s/iter':>8} {'quartiles':>15} {'GFLOP/step':>10} {'limit GFLOP/s':>13} "
-          f"{'of limit':>8} {'x vs now/' + args.modes[0]:>14} {'peak MB':>8} {'params':>10}")
+          f"{'of limit':>8} {'x vs now/' + args.modes[0]:>14} {'peak MB':>8} {'params':>10} {'warm-up s':>9}")
     for (lib, mode), runs in results.items():
         q1, med, q3 = _quantiles([t for r in runs for t in r["times"]])
         flops, rate = runs[0]["flops"], statistics.median(r["rate"] for r in runs)
@@ -246,10 +250,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "batch": args.batch, "model": str(model), "threads": runs[0]["threads"], "s_per_iter": med,
                "q1": q1, "q3": q3, "gflop_per_step": flops / 1e9, "limit_gflops": rate / 1e9,
                "fraction_of_limit": frac, "speedup_vs_first": ref_med / med,
-               "peak_mb": max(r["peak_mb"] for r in runs), "params_trainable": runs[0]["params"]}
+               "peak_mb": max(r["peak_mb"] for r in runs), "params_trainable": runs[0]["params"],
+               "warmup_s": statistics.median(r.get("warmup_s", float("nan")) for r in runs),
+               "warmup_steps": args.warmup + (3 if "compile" in mode else 0)}
         rows.append(row)
         print(f"{lib:>8} {mode:<7} {med:8.4f} {q1:7.4f}-{q3:.4f} {flops / 1e9:10.2f} {rate / 1e9:13.1f} "
-              f"{frac:8.1%} {ref_med / med:14.2f} {row['peak_mb']:8.0f} {runs[0]['params']:10,}")
+              f"{frac:8.1%} {ref_med / med:14.2f} {row['peak_mb']:8.0f} {runs[0]['params']:10,} {row['warmup_s']:9.1f}")
     write_rows(args.out, rows)
     return rows
 
