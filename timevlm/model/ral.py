@@ -24,7 +24,7 @@ class PatchEmbedding(nn.Module):
         if self.padding:
             x = F.pad(x.unsqueeze(1), (0, self.padding), mode="replicate").squeeze(1)
         patches = x.unfold(-1, self.patch_len, self.stride)
-        return self.drop(self.proj(patches).add_(self.pos))  # in place on the projection's fresh output
+        return self.drop(self.proj(patches) + self.pos)
 
 
 class MemoryBank(nn.Module):
@@ -92,11 +92,9 @@ class LocalAttention(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h + f(h) as f(h).add_(h): the same sums (addition commutes), added into the fresh output of f's last
-        # product, which its backward does not keep, instead of into a new [B*N, P, d] buffer; likewise ReLU
         x = self.norm1(h)
-        h = multihead_attention(self.self_attn, x, x).add_(h)
-        return self.linear2(F.relu(self.linear1(self.norm2(h)), inplace=True)).add_(h)
+        h = h + multihead_attention(self.self_attn, x, x)
+        return h + self.linear2(F.relu(self.linear1(self.norm2(h))))
 
 
 class RAL(nn.Module):
@@ -126,7 +124,7 @@ class RAL(nn.Module):
         retrieved = self.memory(h)  # global memory: retrieved prototypes
         if self.memory_gate is not None:
             retrieved = torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
-        h = retrieved.add_(h)  # = h + retrieved, into the retrieval's fresh output
+        h = h + retrieved
         h = self.norm(self.local(h))  # local memory: self-attention over this window's patches
         forecast = self.head(h).reshape(b, n, -1)
         return forecast, h.mean(1).reshape(b, n, -1)
