@@ -147,3 +147,22 @@ def test_train_step_fused_adamw_takes_the_same_steps_and_resumes_an_unfused_stat
     step.opt.load_state_dict(plain.state_dict())
     step.update(step.loss(x, None, y))
     assert all(torch.isfinite(p).all() for p in fused_model.parameters())
+
+
+def test_resume_reads_checkpoints_written_with_a_data_parallel_wrappers_keys(data_dir, shared_cache):
+    """Trials before session 6 saved their best weights from the DDP wrapper ("module.*" keys); a trial resumed
+    from such a checkpoint, data-parallel or not, must load them rather than fail at the end."""
+    cfg = tiny(shared_cache, epochs=3)
+    states = []
+    p = prepare(cfg, progress=False)
+    full = fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
+               val_feats=p.features["val"], on_epoch_end=lambda m, s, imp: states.append(copy.deepcopy(s)))
+    old = states[0]
+    old.model = {f"module.{k}": v for k, v in old.model.items()}
+    old.best_state = {f"module.{k}": v for k, v in old.best_state.items()}
+    p2 = prepare(cfg, progress=False)
+    resumed = fit(p2.model, p2.splits["train"], p2.splits["val"], cfg.train, train_feats=p2.features["train"],
+                  val_feats=p2.features["val"], resume=old)
+    assert [h.val_mse for h in resumed.history] == [h.val_mse for h in full.history]
+    for a, b in zip(p.model.state_dict().values(), p2.model.state_dict().values()):
+        assert torch.equal(a, b)

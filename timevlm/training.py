@@ -215,6 +215,15 @@ def _sync_buffers(ema: AveragedModel, model: nn.Module) -> nn.Module:
     return ema.module
 
 
+def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
+    """A model state_dict with the "module." prefix of a DDP wrapper removed (a copy; unprefixed ones as they
+    are), so a checkpoint resumes whether it was written by a data-parallel trial or not, and whether the resumed
+    trial is one: trials before session 6 kept their best weights with the wrapper's keys."""
+    state = copy.copy(state)
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+    return state
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over the parameters
     instead of a dozen per tensor (the seq_len-512 step's update: 6.5 -> 1.0 ms on our 2-core CPU; on a GPU
@@ -270,10 +279,10 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
     opt, ema = train_step.opt, train_step.ema
 
     if resume is not None:
-        model.load_state_dict(resume.model)
+        inner.load_state_dict(_unwrapped(resume.model))
         opt.load_state_dict(resume.optimizer)
         start, best_val, best_epoch, bad = resume.epoch, resume.best_val, resume.best_epoch, resume.bad_epochs
-        best_state, history = resume.best_state, list(resume.history)
+        best_state, history = _unwrapped(resume.best_state), list(resume.history)
         if resume.rng:
             torch.set_rng_state(resume.rng["torch"])
             loader.generator.set_state(resume.rng["loader"])
