@@ -43,7 +43,7 @@ def _train_iters(args) -> dict:
     """Child process: prepare (building or reading the cache), then time `iters` optimiser steps."""
     cache_dir, use_cache, iters, max_windows, seq_len, vlm, vlm_path = args
     from timevlm.experiment import prepare
-    from timevlm.training import peak_memory_mb, resolve_device
+    from timevlm.training import TrainStep, peak_memory_mb, resolve_device
 
     t0 = time.perf_counter()
     p = prepare(_exp(cache_dir, use_cache, max_windows, seq_len, vlm, vlm_path), progress=True)
@@ -52,7 +52,7 @@ def _train_iters(args) -> dict:
     model = p.model.to(device)
     if not use_cache:
         model._encoder.adapter.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step_fn = TrainStep(model, TrainConfig(lr=1e-3), device)  # the trainer's step: clipping, AdamW, weight average
     loader = make_loader(p.splits["train"], 32, shuffle=True)
     feats = p.features["train"]
     times = []
@@ -62,11 +62,7 @@ def _train_iters(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        out = model(x.to(device), feats.batch(idx) if feats is not None else None)
-        loss = torch.nn.functional.mse_loss(out, y.to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step_fn.update(step_fn.loss(x.to(device), feats.batch(idx) if feats is not None else None, y.to(device)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= 2:  # two warm-up steps
