@@ -273,10 +273,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
     seed_everything(cfg.seed)
     model.to(device)
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    amp = cfg.amp and device.type == "cuda"
-    inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
     train_step = TrainStep(model, cfg, device)
-    opt, ema = train_step.opt, train_step.ema
+    opt, ema, inner, amp = train_step.opt, train_step.ema, train_step.inner, train_step.amp
 
     if resume is not None:
         inner.load_state_dict(_unwrapped(resume.model))
