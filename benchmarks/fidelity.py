@@ -296,11 +296,24 @@ def plan_step_check() -> list[Run]:
                for s in (2021, 2022, 2023, 2024)])
 
 
+def plan_prompt_check() -> list[Run]:
+    """Prompts without the dataset's description (session 9's default, `model.prompt_description`): Time-VLM's
+    defaults (weight average on) at ETTh1 96->96 and 512->96, seeds 2021/2022, against the same rows with the
+    description in runs_cpu_s8_check.csv; ETTm2 96->96 seed 2021 against runs_cpu_ema_heldout.csv."""
+    ema = {"ema_decay": 0.999}
+    return ([Run("ETTh1", 96, 96, "Time-VLM [EMA 0.999] no description", s, {**_model("timevlm"), "train": ema})
+             for s in SEEDS]
+            + [Run("ETTh1", 512, 96, "Time-VLM [defaults] [EMA 0.999] no description", s,
+                   {**_model("timevlm"), "train": ema}) for s in SEEDS]
+            + [Run("ETTm2", 96, 96, "Time-VLM [EMA 0.999] no description", SEEDS[0],
+                   {**_model("timevlm"), "train": ema})])
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
          "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout,
-         "step-check": plan_step_check}
+         "step-check": plan_step_check, "prompt-check": plan_prompt_check}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:

@@ -185,3 +185,21 @@ def test_prompt_statistics_survive_tokenisation():
     different = build_prompts(-x, seq_len=96, pred_len=24, description="")
     assert different[0] != prompts[0]  # prompts differ per window
     assert re.search(r"median -?\d+\.\d\d", prompts[0])
+
+
+def test_prompts_end_with_the_dataset_description_only_when_asked():
+    from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
+
+    x = torch.linspace(-1, 3, 96)[None, :, None].repeat(2, 1, 7)
+    base = dataclasses.replace(CFG, dataset_description="Electricity Transformer Temperature: hourly.")
+    off, on = MultimodalEncoder(base, adapter=None), MultimodalEncoder(
+        dataclasses.replace(base, prompt_description=True), adapter=None)
+    assert not base.prompt_description  # the default: the same words on every window carry nothing per window
+    assert all(p.endswith("from 96.") for p in off.prompts(x))
+    assert all(p.endswith("Electricity Transformer Temperature: hourly.") for p in on.prompts(x))
+    assert [p[:60] for p in off.prompts(x)] == [p[:60] for p in on.prompts(x)]  # statistics first either way
+    # different prompts, different features: the switch is part of the cache key, the unused text is not
+    assert encoder_settings(on.cfg) != encoder_settings(off.cfg)
+    assert encoder_settings(off.cfg) == encoder_settings(dataclasses.replace(off.cfg, dataset_description="other"))
+    with pytest.raises(Exception, match="prompt_description must be true or false"):
+        ModelConfig(prompt_description="yes")

@@ -30,7 +30,8 @@ from timevlm_platform.study import VARIANT_KEY, StudySpec
 WINDOWS_PER_BATCH = 256
 # The model settings that can change the features or whether they are needed (a superset is safe).
 FEATURE_FIELDS = ("model", "use_val", "use_tal", "seq_len", "pred_len", "periodicity", "image_size", "top_k_freqs",
-                  "vision_tokens", "max_prompt_tokens", "vlm", "vlm_path", "vlm_input_size", "dataset_description")
+                  "vision_tokens", "max_prompt_tokens", "vlm", "vlm_path", "vlm_input_size", "dataset_description",
+                  "prompt_description")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,12 @@ def encoder_settings(cfg: ModelConfig, freq: str = "") -> dict[str, object]:
     return {"code": ENCODER_CODE_VERSION, **vlm_identity(cfg),
             "seq_len": cfg.seq_len, "pred_len": cfg.pred_len, "periodicity": cfg.periodicity,
             "image_size": cfg.image_size, "top_k_freqs": cfg.top_k_freqs, "vision_tokens": cfg.vision_tokens,
-            "max_prompt_tokens": cfg.max_prompt_tokens, "description": cfg.dataset_description, "freq": freq}
+            "max_prompt_tokens": cfg.max_prompt_tokens, "description": prompt_description(cfg), "freq": freq}
+
+
+def prompt_description(cfg: ModelConfig) -> str:
+    """What the prompts end with: the dataset's description where `prompt_description` asks for it, else nothing."""
+    return cfg.dataset_description if cfg.prompt_description else ""
 
 
 class MultimodalEncoder:
@@ -49,7 +54,7 @@ class MultimodalEncoder:
 
     def prompts(self, x: torch.Tensor) -> list[str]:
         return build_prompts(x, seq_len=self.cfg.seq_len, pred_len=self.cfg.pred_len,
-                             description=self.cfg.dataset_description, freq=self.freq)
+                             description=prompt_description(self.cfg), freq=self.freq)
 
     def __call__(self, x: torch.Tensor) -> Features:
         with torch.inference_mode():

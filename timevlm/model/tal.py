@@ -25,10 +25,10 @@ def window_statistics(x: torch.Tensor, n_lags: int = 3) -> dict[str, torch.Tenso
 
 
 def build_prompts(x: torch.Tensor, *, seq_len: int, pred_len: int, description: str, freq: str = "") -> list[str]:
-    """One prompt per window: its statistics, the task, then the dataset's description (cut first by the
-    tokenizer's limit). Every word carries something: the fitted change over the window (slope x length, in
-    the window's units) replaces a trend word plus a per-step slope that needed 4 decimals and rounded to
-    +0.0000 on most windows; labels are single words, no filler."""
+    """One prompt per window: its statistics, the task, then the dataset's description if one is given (cut
+    first by the tokenizer's limit). Every word carries something: the fitted change over the window (slope x
+    length, in the window's units) replaces a trend word plus a per-step slope that needed 4 decimals and
+    rounded to +0.0000 on most windows; labels are single words, no filler."""
     st = {k: v.cpu() for k, v in window_statistics(x).items()}
     span = x.shape[1] - 1
     task = f"forecast {pred_len} steps{f' ({freq})' if freq else ''} from {seq_len}."
@@ -37,6 +37,6 @@ def build_prompts(x: torch.Tensor, *, seq_len: int, pred_len: int, description: 
         lags = " ".join(str(int(v)) for v in st["lags"][i])
         prompts.append(
             f"min {float(st['min'][i]):.2f} max {float(st['max'][i]):.2f} median {float(st['median'][i]):.2f} "
-            f"last {float(st['last'][i]):.2f} change {float(st['slope'][i]) * span:+.2f} lags {lags}; {task} "
-            f"{description}")
+            f"last {float(st['last'][i]):.2f} change {float(st['slope'][i]) * span:+.2f} lags {lags}; {task}"
+            + (f" {description}" if description else ""))
     return prompts
