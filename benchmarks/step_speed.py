@@ -6,6 +6,7 @@ and the fraction of that limit the step reaches, in one run on one machine.
     python benchmarks/step_speed.py --modes fp32 bf16 --set model.d_model=32
     python benchmarks/step_speed.py --device cuda --modes fp32 bf16 compile compile-graphs
     python benchmarks/step_speed.py --table7                          # the paper's Table 7 row, five datasets
+    python benchmarks/step_speed.py --device cuda --share 1 2 4 8     # K trials stepping on one device at once
 
 The step is what a cached trial repeats: forward of Time-VLM on a batch of windows and its frozen-VLM
 features (the shapes the cache holds), MSE loss, backward, AdamW, and the weight average's update where the
@@ -112,6 +113,8 @@ def measure(spec: dict) -> dict:
         timed_step()
     sync()
     warmup_s = time.perf_counter() - t0  # with torch.compile: the compilation (and graph capture) a trial pays
+    if spec.get("barrier"):
+        _wait_for_all(*spec["barrier"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -128,10 +131,25 @@ def measure(spec: dict) -> dict:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     width = 2 ** round(math.log2(max(cfg.d_model, 64)))
-    rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32, n=max(512, 8 * width))
+    # not while others sharing the device may still be timing their steps
+    rate = (float("nan") if spec.get("barrier") else
+            matmul_rate(device, torch.bfloat16 if amp else torch.float32, n=max(512, 8 * width)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"times": times, "flops": flops, "rate": rate, "peak_mb": peak, "params": trainable, "warmup_s": warmup_s,
             "threads": torch.get_num_threads(), "library": str(Path(timevlm.__file__).parent)}
+
+
+def _wait_for_all(folder: str, n: int, timeout_s: float = 600.0) -> None:
+    """Start timing together: `n` processes sharing a device each leave a file in `folder` after their warm-up
+    and wait for the others' (so every timed step overlaps the others' timed steps)."""
+    import os
+
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(folder)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {n} processes sharing the device got ready")
+        time.sleep(0.01)
 
 
 def _flop_counter():
@@ -213,11 +231,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=str(OUT / "step_speed.csv"))
+    ap.add_argument("--share", type=int, nargs="*", default=[], metavar="K",
+                    help="K trials on one device: K processes step at once (threads split between them on CPU); "
+                         "per-process s/iter and the steps per second of all K together, for each K")
     ap.add_argument("--table7", action="store_true", help="parameters, peak memory and s/iter on ETTh1, ETTh2, "
                     "ETTm1, ETTm2 and Weather (the paper's Table 7 columns), first mode only")
     args = ap.parse_args(argv)
     if args.table7:
         return table7(args)
+    if args.share:
+        return share(args)
 
     from timevlm.data.registry import get_dataset
 
@@ -257,6 +280,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{lib:>8} {mode:<7} {med:8.4f} {q1:7.4f}-{q3:.4f} {flops / 1e9:10.2f} {rate / 1e9:13.1f} "
               f"{frac:8.1%} {ref_med / med:14.2f} {row['peak_mb']:8.0f} {runs[0]['params']:10,} {row['warmup_s']:9.1f}")
     write_rows(args.out, rows)
+    return rows
+
+
+def share(args) -> list[dict]:
+    """How many trials can share one device before they slow each other down: for each K, K processes (the
+    library now, first mode) time their steps at the same moment; on CPU each gets threads = cores // K unless
+    --threads says otherwise."""
+    import concurrent.futures as cf
+    import os
+    import tempfile
+
+    from timevlm.data.registry import get_dataset
+
+    info = get_dataset(args.dataset)
+    model = {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
+             **apply_overrides({}, args.set).get("model", {})}
+    rows, base_rate = [], None
+    for k in args.share:
+        threads = args.threads or (max(1, (os.cpu_count() or 1) // k) if args.device == "cpu" else 0)
+        for r in range(args.rounds):
+            with tempfile.TemporaryDirectory() as barrier, cf.ThreadPoolExecutor(k) as pool:
+                spec = {"model": model, "batch": args.batch, "device": args.device, "threads": threads,
+                        "iters": args.iters, "warmup": args.warmup, "mode": args.modes[0], "barrier": [barrier, k]}
+                runs = list(pool.map(lambda _: run_child("step_speed", "measure", spec, None), range(k)))
+            per = [statistics.median(res["times"]) for res in runs]
+            rate = sum(1 / t for t in per)  # steps per second of the K trials together
+            base_rate = base_rate or rate
+            rows.append({"device": args.device, "dataset": args.dataset, "seq_len": args.seq_len, "batch": args.batch,
+                         "mode": args.modes[0], "trials": k, "round": r + 1, "threads_per_trial": runs[0]["threads"],
+                         "s_per_iter_median": statistics.median(per), "s_per_iter_worst": max(per),
+                         "steps_per_s_total": rate, "throughput_vs_first": rate / base_rate,
+                         "peak_mb_per_trial": max(res["peak_mb"] for res in runs)})
+            row = rows[-1]
+            print(f"  {k} trial(s) x {row['threads_per_trial']} threads: {row['s_per_iter_median']:.4f} s/iter each "
+                  f"(worst {row['s_per_iter_worst']:.4f}), {rate:.1f} steps/s together "
+                  f"({rate / base_rate:.2f}x the first)", flush=True)
+    write_rows(Path(args.out).with_name("share.csv"), rows)
     return rows
 
 

@@ -6,7 +6,9 @@ machine cost more than all the step's matrix products together (39% of a seq_len
 rounded to 1/65536), and kept ones are scaled by 1/(1 - p), as `nn.Dropout` does. The words come from
 NumPy's SFC64 generator, seeded per call from torch's CPU generator (so `torch.manual_seed` still decides
 every mask): it fills them 2.2x faster than torch's Mersenne Twister (1.0 against 2.2 ms for a seq_len-512
-step's 1.8M elements). Off the CPU it is `F.dropout` (the GPU generator is fast).
+step's 1.8M elements). NumPy also turns the draws into the scaled float mask (compare, then one multiply that
+casts): 0.9 ms against 2.8 ms for torch's int16 compare, bool-to-float copy and scaling on one thread (the
+same mask, bit for bit). Off the CPU it is `F.dropout` (the GPU generator is fast).
 
 `multihead_attention`: the projections of an `nn.MultiheadAttention` (so state_dicts keep their names) around
 `F.scaled_dot_product_attention` without attention dropout, which lets PyTorch take its fused kernel; a random
@@ -30,10 +32,10 @@ class Dropout(nn.Dropout):
             return F.dropout(x, self.p, True)
         n = x.numel()
         seed = int(torch.randint(_SEED, ()))
-        words = np.random.SFC64(seed).random_raw((n + 3) // 4)
-        draws = torch.from_numpy(words.view(np.int16)[:n])
-        keep = draws.view(x.shape) >= int(-32768 + round(self.p * 65536))
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+        draws = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+        keep = draws >= int(-32768 + round(self.p * 65536))
+        mask = torch.from_numpy(np.multiply(keep, np.float32(1.0 / (1.0 - self.p)), dtype=np.float32)).view(x.shape)
+        return x * (mask if x.dtype == torch.float32 else mask.to(x.dtype))
 
 
 def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
