@@ -82,3 +82,25 @@ def test_int8_text_encoder_is_its_own_cache_entry_and_close_to_fp32():
     torch.testing.assert_close(v8, v32)  # only the text encoder is quantised
     cos = torch.nn.functional.cosine_similarity(t8.flatten(1), t32.flatten(1))
     assert cos.min().item() > 0.9 and not torch.equal(t8, t32)  # close, not equal: its own cache entry
+
+
+def test_text_features_do_not_depend_on_the_batch_its_order_or_padding(monkeypatch):
+    """Prompts are encoded in order of length, in chunks padded to their own longest: each prompt's features are
+    what it gets encoded alone, wherever it sits in the batch."""
+    from timevlm.model.vlm import custom, load_vlm
+
+    monkeypatch.setattr(custom, "CPU_CHUNK", 2)
+    adapter = load_vlm(ModelConfig(n_vars=7, periodicity=24))
+    prompts = ["min 0.31 max 2.90 median 1.20 last 2.75 change +1.96 lags 1 2 3; forecast 96 steps from 512.",
+               "min -1.04 max 1.26; forecast 96 steps.", "min 1.00 max 1.00",
+               "min -12.04 max 11.26 median -0.01 last -0.22 change -10.12 lags 24 48 23; forecast 96 steps (1h) "
+               "from 512.", "forecast 96 steps from 96."]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        alone = torch.cat([adapter._encode_text([p], cpu) for p in prompts])
+        together = adapter._encode_text(prompts, cpu)
+        backwards = adapter._encode_text(prompts[::-1], cpu).flip(0)
+    assert together.shape == (5, adapter.text_dim)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(backwards, together, atol=1e-5, rtol=1e-5)
+    assert torch.nn.functional.cosine_similarity(together[0], together[1], dim=0) < 0.999  # not one row repeated
