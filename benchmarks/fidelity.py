@@ -309,11 +309,21 @@ def plan_prompt_check() -> list[Run]:
                    {**_model("timevlm"), "train": ema})])
 
 
+def plan_prompt_weather() -> list[Run]:
+    """The same question on a set with another description: Weather 96->96, seed 2021, Time-VLM's defaults with
+    and without the description in the prompt, side by side (run with a reduced --epochs on CPU, said where
+    reported)."""
+    ema = {"ema_decay": 0.999}
+    return [Run("Weather", 96, 96, f"Time-VLM [EMA 0.999]{'' if on else ' no description'}", SEEDS[0],
+                {"model": {"model": "timevlm", "prompt_description": on}, "train": ema}) for on in (True, False)]
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
          "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout,
-         "step-check": plan_step_check, "prompt-check": plan_prompt_check}
+         "step-check": plan_step_check, "prompt-check": plan_prompt_check,
+         "prompt-weather": plan_prompt_weather}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:
