@@ -242,11 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.share:
         return share(args)
 
-    from timevlm.data.registry import get_dataset
-
-    info = get_dataset(args.dataset)
-    model = {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
-             **apply_overrides({}, args.set).get("model", {})}
+    model = _model_spec(args, args.dataset)
     base = {"model": model, "batch": args.batch, "device": args.device, "threads": args.threads,
             "iters": args.iters, "warmup": args.warmup}
     results: dict[tuple[str, str], list[dict]] = {}
@@ -283,6 +279,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _model_spec(args, dataset: str) -> dict:
+    """The measured model's config: seq_len -> 96 with the dataset's n_vars and period, then the --set overrides."""
+    from timevlm.data.registry import get_dataset
+
+    info = get_dataset(dataset)
+    return {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
+            **apply_overrides({}, args.set).get("model", {})}
+
+
 def share(args) -> list[dict]:
     """How many trials can share one device before they slow each other down: for each K, K processes (the
     library now, first mode) time their steps at the same moment; on CPU each gets threads = cores // K unless
@@ -291,11 +296,7 @@ def share(args) -> list[dict]:
     import os
     import tempfile
 
-    from timevlm.data.registry import get_dataset
-
-    info = get_dataset(args.dataset)
-    model = {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
-             **apply_overrides({}, args.set).get("model", {})}
+    model = _model_spec(args, args.dataset)
     rows, base_rate = [], None
     for k in args.share:
         threads = args.threads or (max(1, (os.cpu_count() or 1) // k) if args.device == "cpu" else 0)
@@ -345,8 +346,7 @@ def table7(args) -> list[dict]:
     rows = []
     for name in TABLE7_DATASETS:
         info = get_dataset(name)
-        model = {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
-                 **sets}
+        model = _model_spec(args, name)
         runs = [run_child("step_speed", "measure", {"model": model, "batch": args.batch, "device": args.device,
                                                     "threads": args.threads, "iters": args.iters,
                                                     "warmup": args.warmup, "mode": args.modes[0]}, None)

@@ -35,7 +35,7 @@ class Dropout(nn.Dropout):
         draws = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
         keep = draws >= int(-32768 + round(self.p * 65536))
         mask = torch.from_numpy(np.multiply(keep, np.float32(1.0 / (1.0 - self.p)), dtype=np.float32)).view(x.shape)
-        return x * (mask if x.dtype == torch.float32 else mask.to(x.dtype))
+        return x * mask.to(x.dtype)  # no copy for float32
 
 
 def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
