@@ -12,7 +12,9 @@ same mask, bit for bit). Off the CPU it is `F.dropout` (the GPU generator is fas
 
 `multihead_attention`: the projections of an `nn.MultiheadAttention` (so state_dicts keep their names) around
 `F.scaled_dot_product_attention` without attention dropout, which lets PyTorch take its fused kernel; a random
-mask over every head's query x key weights was the other large cost of the step on CPU.
+mask over every head's query x key weights was the other large cost of the step on CPU. Self-attention on
+the CPU in fp32 goes to `timevlm::self_attention` (timevlm/kernels) instead, which reads the packed
+projection as it is and writes its gradient the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from timevlm.kernels import attention as attention_kernel
 
 _SEED = 2 ** 63 - 1
 
@@ -42,7 +46,10 @@ def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_va
     """[B, Lq, d] attending over [B, Lk, d] with `attn`'s weights (batch_first, no mask) -> [B, Lq, d]."""
     w, b, d, h = attn.in_proj_weight, attn.in_proj_bias, query.shape[-1], attn.num_heads
     if query is key_value:
-        q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        qkv = F.linear(query, w, b)
+        if attention_kernel.usable(qkv, h):  # CPU fp32: the hand-written kernel reads the packed projection
+            return attn.out_proj(torch.ops.timevlm.self_attention(qkv, h)[0])
+        q, k, v = qkv.chunk(3, dim=-1)
     else:
         q = F.linear(query, w[:d], b[:d])
         k, v = F.linear(key_value, w[d:], b[d:]).chunk(2, dim=-1)

@@ -1,0 +1,246 @@
+// Self-attention over many short sequences on the CPU, fp32, forward and backward.
+//
+// One task per (sequence, head): its queries, keys and values (at most a few hundred rows of a few dozen
+// columns) are copied from the packed [rows, 3 * H * D] projection into small buffers that stay in the L1/L2
+// cache, the scores, softmax, weighted values and (backward) all five gradient products are computed there,
+// and the results are written straight into the packed layouts the projections use: the forward writes
+// [rows, H * D] (what the output projection reads) and the backward writes [rows, 3 * H * D] (the gradient of
+// the input projection's output). PyTorch's fused CPU kernel needs the heads split out of the projection and,
+// in the backward, zero-filled gradients and a concatenation of the three, each a full pass over memory.
+//
+// Math as in FlashAttention: the forward saves each row's log-sum-exp, the backward recomputes the
+// probabilities from it. Sizes need not be multiples of anything: buffers are zero-padded to 16 columns.
+// Built by timevlm/kernels/build.py with -O3 -march=native (AVX-512 micro-kernel where the CPU has it).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// C[4 x 16*NB] = A[4 x K] B[K x 16*NB]. A is row-major (element (r, k) at A[r * lda + k]) or, with
+// A_T, stored transposed (element (r, k) at A[k * lda + r]). B and C are row-major.
+template <int NB, bool A_T>
+inline void tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+#if defined(__AVX512F__)
+    __m512 acc[4][NB];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+        __m512 b[NB];
+#pragma GCC unroll 4
+        for (int c = 0; c < NB; ++c) b[c] = _mm512_loadu_ps(B + (size_t)k * ldb + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+            const __m512 a = _mm512_set1_ps(A_T ? A[(size_t)k * lda + r] : A[(size_t)r * lda + k]);
+#pragma GCC unroll 4
+            for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < NB; ++c) _mm512_storeu_ps(C + (size_t)r * ldc + 16 * c, acc[r][c]);
+#else
+    for (int r = 0; r < 4; ++r) {
+        float* c = C + (size_t)r * ldc;
+        for (int j = 0; j < 16 * NB; ++j) c[j] = 0.f;
+        for (int k = 0; k < K; ++k) {
+            const float a = A_T ? A[(size_t)k * lda + r] : A[(size_t)r * lda + k];
+            const float* b = B + (size_t)k * ldb;
+            for (int j = 0; j < 16 * NB; ++j) c[j] += a * b[j];
+        }
+    }
+#endif
+}
+
+// C[M x N] = A[M x K] B[K x N], M a multiple of 4, N of 16 (the buffers are padded to that).
+template <bool A_T>
+void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+    for (int i = 0; i < M; i += 4) {
+        const float* a = A_T ? A + i : A + (size_t)i * lda;
+        float* c = C + (size_t)i * ldc;
+        int j = 0;
+        for (; j + 64 <= N; j += 64) tile<4, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
+        for (; j + 32 <= N; j += 32) tile<2, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
+        for (; j < N; j += 16) tile<1, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
+    }
+}
+
+// dst[k * ld_dst + i] = src[i * ld_src + k] for i < rows, k < cols (both multiples of 16: padded buffers)
+inline void transpose(int rows, int cols, const float* src, int ld_src, float* dst, int ld_dst) {
+#if defined(__AVX512F__)
+    for (int i0 = 0; i0 < rows; i0 += 16)
+        for (int k0 = 0; k0 < cols; k0 += 16) {  // one 16 x 16 block in registers
+            __m512 r[16], t[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (size_t)(i0 + i) * ld_src + k0);
+            for (int i = 0; i < 8; ++i) {
+                t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            for (int i = 0; i < 4; ++i) {  // r[4i + c], lane l: rows 4i..4i+3 of column 4l + c
+                const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+                const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+                r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+                r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+            }
+            for (int c = 0; c < 4; ++c) {
+                const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+                const __m512 v0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), v1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+                float* o = dst + (size_t)k0 * ld_dst + i0;
+                _mm512_storeu_ps(o + (size_t)c * ld_dst, _mm512_shuffle_f32x4(u0, v0, 0x88));
+                _mm512_storeu_ps(o + (size_t)(c + 8) * ld_dst, _mm512_shuffle_f32x4(u0, v0, 0xdd));
+                _mm512_storeu_ps(o + (size_t)(c + 4) * ld_dst, _mm512_shuffle_f32x4(u1, v1, 0x88));
+                _mm512_storeu_ps(o + (size_t)(c + 12) * ld_dst, _mm512_shuffle_f32x4(u1, v1, 0xdd));
+            }
+        }
+#else
+    for (int i = 0; i < rows; ++i)
+        for (int k = 0; k < cols; ++k) dst[(size_t)k * ld_dst + i] = src[(size_t)i * ld_src + k];
+#endif
+}
+
+inline void copy(int n, const float* src, float* dst) {
+    for (int k = 0; k < n; ++k) dst[k] = src[k];
+}
+
+inline void copy_scaled(int n, const float* src, float s, float* dst) {
+    for (int k = 0; k < n; ++k) dst[k] = src[k] * s;
+}
+
+struct Shape {
+    int L, H, D, d, row, Lr, Lc, Dp;
+    float scale;
+    Shape(int L_, int H_, int D_)
+        : L(L_), H(H_), D(D_), d(H_ * D_), row(3 * H_ * D_), Lr(round_up(L_, 4)), Lc(round_up(L_, 16)),
+          Dp(round_up(D_, 16)), scale(1.0f / std::sqrt((float)D_)) {}
+};
+
+}  // namespace
+
+extern "C" {
+
+// qkv [B, L, 3*H*D] -> out [B, L, H*D], lse [B, H, L]. `threads` OpenMP threads over the B*H tasks.
+void timevlm_attention_forward(const float* qkv, float* out, float* lse, int B, int L, int H, int D,
+                               int threads) {
+    const Shape s(L, H, D);
+#pragma omp parallel num_threads(threads)
+    {
+        // Q [Lc x Dp] (pre-scaled), Kt [Dp x Lc], V [Lc x Dp], S [Lc x Lc], O [Lc x Dp], K staging [Lc x Dp]
+        std::vector<float> buf((size_t)4 * s.Lc * s.Dp + (size_t)s.Dp * s.Lc + (size_t)s.Lc * s.Lc, 0.f);
+        float *Q = buf.data(), *Kt = Q + s.Lc * s.Dp, *V = Kt + s.Dp * s.Lc, *S = V + s.Lc * s.Dp;
+        float *O = S + s.Lc * s.Lc, *Ks = O + s.Lc * s.Dp;
+        std::vector<float> inv(s.Lc);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) {
+          for (int h = 0; h < H; ++h) {
+            const int t = b * H + h;
+            const float* src = qkv + (size_t)b * L * s.row + (size_t)h * D;
+            for (int i = 0; i < L; ++i) {
+                const float* r = src + (size_t)i * s.row;
+                copy_scaled(D, r, s.scale, Q + (size_t)i * s.Dp);
+                copy(D, r + s.d, Ks + (size_t)i * s.Dp);
+                copy(D, r + 2 * s.d, V + (size_t)i * s.Dp);
+            }
+            transpose(s.Lc, s.Dp, Ks, s.Dp, Kt, s.Lc);
+            gemm<false>(s.Lr, s.Lc, s.Dp, Q, s.Dp, Kt, s.Lc, S, s.Lc);
+            float* row_lse = lse + (size_t)t * L;
+            for (int i = 0; i < L; ++i) {
+                float* p = S + (size_t)i * s.Lc;
+                float m = -INFINITY;
+                for (int j = 0; j < L; ++j) m = std::max(m, p[j]);
+                float sum = 0.f;
+                for (int j = 0; j < L; ++j) {
+                    const float e = std::exp(p[j] - m);
+                    p[j] = e;
+                    sum += e;
+                }
+                for (int j = L; j < s.Lc; ++j) p[j] = 0.f;  // padded keys weigh nothing
+                inv[i] = 1.0f / sum;
+                row_lse[i] = m + std::log(sum);
+            }
+            gemm<false>(s.Lr, s.Dp, s.Lc, S, s.Lc, V, s.Dp, O, s.Dp);
+            float* dst = out + (size_t)b * L * s.d + (size_t)h * D;
+            for (int i = 0; i < L; ++i) copy_scaled(D, O + (size_t)i * s.Dp, inv[i], dst + (size_t)i * s.d);
+          }
+        }
+    }
+}
+
+// dout, out [B, L, H*D], qkv [B, L, 3*H*D], lse [B, H, L] -> dqkv [B, L, 3*H*D] (every element written)
+void timevlm_attention_backward(const float* dout, const float* qkv, const float* out, const float* lse,
+                                float* dqkv, int B, int L, int H, int D, int threads) {
+    const Shape s(L, H, D);
+#pragma omp parallel num_threads(threads)
+    {
+        const size_t n = (size_t)s.Lc * s.Dp;
+        // Q (pre-scaled), K, Kt, Vt, dO, G (staging) [Lc x Dp or Dp x Lc]; P, dS [Lc x Lc]
+        std::vector<float> buf(7 * n + 2 * (size_t)s.Lc * s.Lc, 0.f);
+        float *Q = buf.data(), *K = Q + n, *Kt = K + n, *Vt = Kt + n, *dO = Vt + n, *G = dO + n, *Vs = G + n;
+        float *P = Vs + n, *dS = P + (size_t)s.Lc * s.Lc;
+        std::vector<float> delta(s.Lc);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) {
+          for (int h = 0; h < H; ++h) {
+            const int t = b * H + h;
+            const float* src = qkv + (size_t)b * L * s.row + (size_t)h * D;
+            const float* go = dout + (size_t)b * L * s.d + (size_t)h * D;
+            const float* o = out + (size_t)b * L * s.d + (size_t)h * D;
+            float* dst = dqkv + (size_t)b * L * s.row + (size_t)h * D;
+            const float* row_lse = lse + (size_t)t * L;
+            for (int i = 0; i < L; ++i) {
+                const float* r = src + (size_t)i * s.row;
+                copy_scaled(D, r, s.scale, Q + (size_t)i * s.Dp);
+                copy(D, r + s.d, K + (size_t)i * s.Dp);
+                copy(D, r + 2 * s.d, Vs + (size_t)i * s.Dp);
+                const float* g = go + (size_t)i * s.d;
+                const float* oi = o + (size_t)i * s.d;
+                copy(D, g, dO + (size_t)i * s.Dp);
+                float acc = 0.f;
+                for (int k = 0; k < D; ++k) acc += g[k] * oi[k];
+                delta[i] = acc;  // rowsum(dO * O)
+            }
+            transpose(s.Lc, s.Dp, K, s.Dp, Kt, s.Lc);
+            transpose(s.Lc, s.Dp, Vs, s.Dp, Vt, s.Lc);
+            // P = exp(Q K^T / sqrt(D) - lse); padded rows and columns stay 0
+            gemm<false>(s.Lr, s.Lc, s.Dp, Q, s.Dp, Kt, s.Lc, P, s.Lc);
+            for (int i = 0; i < L; ++i) {
+                float* p = P + (size_t)i * s.Lc;
+                for (int j = 0; j < L; ++j) p[j] = std::exp(p[j] - row_lse[i]);
+                for (int j = L; j < s.Lc; ++j) p[j] = 0.f;
+            }
+            for (int i = L; i < s.Lr; ++i) std::memset(P + (size_t)i * s.Lc, 0, s.Lc * sizeof(float));
+            // dV = P^T dO
+            gemm<true>(s.Lr, s.Dp, s.Lr, P, s.Lc, dO, s.Dp, G, s.Dp);
+            for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + 2 * s.d);
+            // dS = P * (dO V^T - delta)
+            gemm<false>(s.Lr, s.Lc, s.Dp, dO, s.Dp, Vt, s.Lc, dS, s.Lc);
+            for (int i = 0; i < s.Lr; ++i) {
+                float* g = dS + (size_t)i * s.Lc;
+                const float* p = P + (size_t)i * s.Lc;
+                const float di = i < L ? delta[i] : 0.f;
+                for (int j = 0; j < s.Lc; ++j) g[j] = p[j] * (g[j] - di);
+            }
+            // dQ = dS K / sqrt(D)
+            gemm<false>(s.Lr, s.Dp, s.Lr, dS, s.Lc, K, s.Dp, G, s.Dp);
+            for (int i = 0; i < L; ++i) copy_scaled(D, G + (size_t)i * s.Dp, s.scale, dst + (size_t)i * s.row);
+            // dK = dS^T Q / sqrt(D) (Q is already scaled)
+            gemm<true>(s.Lr, s.Dp, s.Lr, dS, s.Lc, Q, s.Dp, G, s.Dp);
+            for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + s.d);
+          }
+        }
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,109 @@
+"""`timevlm::self_attention`: multi-head self-attention straight from a packed [B, L, 3*H*D] projection, on the
+CPU in fp32, by the kernel in attention.cpp; a PyTorch custom operator with its own backward, so autograd,
+`torch.compile` (an opaque call) and `FlopCounterMode` (same count as the fused SDPA kernel) all see it.
+
+On the step it was written for (ETTh1, seq_len 512: 224 sequences of 64 patches, 4 heads of 32) it replaces
+PyTorch's fused CPU attention, the split of the projection into heads and, in the backward, the zero-filled
+gradients and their concatenation: 14.7 against 19.5 ms forward and backward on two threads, 29.5 against
+36.8 on one (benchmarks/step_speed.py shows what that does to the whole step). Results agree with
+`F.scaled_dot_product_attention` to fp32 rounding (tests/test_layers.py).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from timevlm.kernels import build
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def _library() -> ctypes.CDLL | None:
+    lib = build.load("attention")
+    if lib is not None and not hasattr(lib, "_typed"):
+        lib.timevlm_attention_forward.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
+        lib.timevlm_attention_backward.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        lib.timevlm_attention_forward.restype = lib.timevlm_attention_backward.restype = None
+        lib._typed = True
+    return lib
+
+
+def usable(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether the kernel can take this projection (CPU, fp32, [B, L, 3*H*D]) on this machine."""
+    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 3
+            and qkv.shape[-1] % (3 * heads) == 0 and _library() is not None)
+
+
+def _dims(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
+    b, length, width = qkv.shape
+    return b, length, width // 3, width // 3 // heads
+
+
+@torch.library.custom_op("timevlm::self_attention", mutates_args=())
+def self_attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [B, L, 3*H*D] (queries, keys, values side by side, heads within each) -> (out [B, L, H*D],
+    log-sum-exp of each query's scores [B, H, L], kept for the backward)."""
+    qkv = qkv.contiguous()
+    b, length, d, head_dim = _dims(qkv, heads)
+    out, lse = qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
+    _library().timevlm_attention_forward(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, length, heads,
+                                         head_dim, torch.get_num_threads())
+    return out, lse
+
+
+@self_attention.register_fake
+def _(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, length, d, _ = _dims(qkv, heads)
+    return qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
+
+
+@torch.library.custom_op("timevlm::self_attention_backward", mutates_args=())
+def self_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                            heads: int) -> torch.Tensor:
+    """The gradient of self_attention's `out` -> the gradient of its qkv input [B, L, 3*H*D]."""
+    grad, qkv = grad.contiguous(), qkv.contiguous()
+    b, length, _, head_dim = _dims(qkv, heads)
+    dqkv = torch.empty_like(qkv)
+    _library().timevlm_attention_backward(grad.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                          dqkv.data_ptr(), b, length, heads, head_dim, torch.get_num_threads())
+    return dqkv
+
+
+@self_attention_backward.register_fake
+def _(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int) -> torch.Tensor:
+    return torch.empty_like(qkv)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    qkv, heads = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.heads = heads
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, _grad_lse) -> tuple[torch.Tensor, None]:
+    qkv, out, lse = ctx.saved_tensors
+    return self_attention_backward(grad_out, qkv, out, lse, ctx.heads), None
+
+
+self_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _head_shape(qkv_shape, heads: int) -> tuple[int, int, int, int]:
+    b, length, width = qkv_shape
+    return b, heads, length, width // 3 // heads
+
+
+@register_flop_formula(torch.ops.timevlm.self_attention)
+def _forward_flops(qkv_shape, heads: int, *args, **kwargs) -> int:
+    q = _head_shape(qkv_shape, heads)
+    return sdpa_flop_count(q, q, q)
+
+
+@register_flop_formula(torch.ops.timevlm.self_attention_backward)
+def _backward_flops(grad_shape, qkv_shape, output_shape, lse_shape, heads: int, *args, **kwargs) -> int:
+    q = _head_shape(qkv_shape, heads)
+    return sdpa_backward_flop_count(q, q, q, q)
