@@ -318,12 +318,20 @@ def plan_prompt_weather() -> list[Run]:
                 {"model": {"model": "timevlm", "prompt_description": on}, "train": ema}) for on in (True, False)]
 
 
+def plan_kernel_check() -> list[Run]:
+    """After the CPU self-attention kernel (session 10; same function, other rounding): Time-VLM's defaults at
+    ETTh1 96->96 and 512->96, seeds 2021/2022, the rows runs_cpu_s9_prompt.csv holds for PyTorch's attention."""
+    ema = {"ema_decay": 0.999}
+    return [Run("ETTh1", seq_len, 96, f"Time-VLM [EMA 0.999] attention kernel", s, {**_model("timevlm"), "train": ema})
+            for seq_len in (96, 512) for s in SEEDS]
+
+
 PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_sweep_no_norm,
          "sweep-512": plan_sweep_512, "verify": plan_verify, "int8": plan_int8,
          "ema": plan_ema, "ema-check": plan_ema_check,
          "ema-issue": plan_ema_issue, "ema-heldout": plan_ema_heldout, "dropout": plan_dropout,
          "step-check": plan_step_check, "prompt-check": plan_prompt_check,
-         "prompt-weather": plan_prompt_weather}
+         "prompt-weather": plan_prompt_weather, "kernel-check": plan_kernel_check}
 
 
 def _prebuild(cfg: dict, threads: int = 0) -> str:
