@@ -81,17 +81,24 @@ def test_flop_counter_counts_the_kernel_as_the_fused_attention_it_replaces():
     assert kernel == expected
 
 
-def test_build_without_a_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+def test_build_without_a_compiler_says_why_once_and_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
     build.load.cache_clear()
     try:
+        with caplog.at_level("INFO", logger="timevlm.kernels.build"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # by default no console warning, only a log record
+            assert build.load("attention") is None
+            assert build.load("attention") is None  # cached: said once
+        assert [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()] == [
+            "timevlm: the C++ kernel 'attention' is unavailable, PyTorch's own path runs instead: "
+            "Command '['/bin/false', '--version']' returned non-zero exit status 1."]
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        build.load.cache_clear()
+        monkeypatch.setenv(build.ENABLE_ENV, "1")  # asked for explicitly: a warning
         with pytest.warns(RuntimeWarning, match="PyTorch's own path runs instead"):
             assert build.load("attention") is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert build.load("attention") is None  # cached: no second warning
-        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        assert not attention.usable(torch.zeros(1, 1, 3), 1)
     finally:
         build.load.cache_clear()
 

@@ -9,13 +9,15 @@ for is the one PyTorch has already loaded (same soname), so the kernels and PyTo
 
 $TIMEVLM_CPU_KERNELS=0 turns the kernels off (PyTorch's own paths run instead); $TIMEVLM_KERNEL_CACHE moves the
 cache (default ~/.cache/timevlm/kernels). A machine without a compiler, or a failed build, falls back to
-PyTorch with one warning that says why.
+PyTorch and says why once per process: a log record at INFO level (a speed matter, not worth a console line
+in every Ray worker), or a RuntimeWarning where $TIMEVLM_CPU_KERNELS=1 asked for the kernels explicitly.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENABLE_ENV, CACHE_ENV = "TIMEVLM_CPU_KERNELS", "TIMEVLM_KERNEL_CACHE"
 _HERE = Path(__file__).resolve().parent
+_log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -81,6 +84,9 @@ def load(name: str) -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(str(compile_library(name)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"timevlm: the C++ kernel {name!r} is unavailable, PyTorch's own path runs instead "
-                      f"(set {ENABLE_ENV}=0 to silence this): {err}", RuntimeWarning, stacklevel=2)
+        message = f"timevlm: the C++ kernel {name!r} is unavailable, PyTorch's own path runs instead: {err}"
+        if os.environ.get(ENABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            _log.info(message)
         return None
