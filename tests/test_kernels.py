@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from timevlm.kernels import attention, build
+from timevlm.kernels import attention, build, elementwise
 
 
 def _reference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,33 +37,37 @@ needs_kernel = pytest.mark.skipif(not attention.usable(torch.zeros(1, 1, 3), 1),
 def test_kernel_matches_fused_attention_values_and_gradients(batch, length, heads, head_dim):
     torch.manual_seed(0)
     qkv = (torch.randn(batch, length, 3 * heads * head_dim) * 2).requires_grad_(True)
-    ref_in = qkv.detach().clone().requires_grad_(True)
-    out, lse = torch.ops.timevlm.self_attention(qkv, heads)
-    ref = _reference(ref_in, heads)
+    bias = torch.randn(3 * heads * head_dim, requires_grad=True)
+    ref_in, ref_bias = qkv.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    out, lse = torch.ops.timevlm.self_attention(qkv, bias, heads)
+    ref = _reference(ref_in + ref_bias, heads)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
-    q, k, _ = (t.unflatten(-1, (heads, head_dim)) for t in ref_in.detach().chunk(3, -1))
+    q, k, _ = (t.unflatten(-1, (heads, head_dim)) for t in (ref_in + ref_bias).detach().chunk(3, -1))
     scores = torch.einsum("blhd,bmhd->bhlm", q, k)
     torch.testing.assert_close(lse, torch.logsumexp(scores / head_dim ** 0.5, dim=-1), rtol=1e-5, atol=2e-5)
     grad = torch.randn_like(ref)
     out.backward(grad)
     ref.backward(grad)
     torch.testing.assert_close(qkv.grad, ref_in.grad, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(bias.grad, ref_bias.grad, rtol=1e-5, atol=2e-4)
 
 
 @needs_kernel
-def test_kernel_gives_the_same_bits_on_any_number_of_threads():
+def test_kernel_gives_the_same_results_on_any_number_of_threads():
     torch.manual_seed(1)
-    qkv, grad = torch.randn(9, 20, 96), torch.randn(9, 20, 32)
+    qkv, bias, grad = torch.randn(9, 20, 96), torch.randn(96), torch.randn(9, 20, 32)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out, lse = torch.ops.timevlm.self_attention(qkv, 2)
-            results.append((out, torch.ops.timevlm.self_attention_backward(grad, qkv, out, lse, 2)))
+            out, lse = torch.ops.timevlm.self_attention(qkv, bias, 2)
+            results.append((out, *torch.ops.timevlm.self_attention_backward(grad, qkv, bias, out, lse, 2)))
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    (out1, dqkv1, dbias1), (out2, dqkv2, dbias2) = results
+    assert torch.equal(out1, out2) and torch.equal(dqkv1, dqkv2)  # one task per sequence: the same bits
+    torch.testing.assert_close(dbias1, dbias2, rtol=1e-6, atol=1e-6)  # per-thread sums, grouped otherwise
 
 
 @needs_kernel
@@ -75,10 +79,42 @@ def test_flop_counter_counts_the_kernel_as_the_fused_attention_it_replaces():
             fn(qkv).sum().backward()
         return counter.get_total_flops()
 
-    kernel = count(lambda t: torch.ops.timevlm.self_attention(t, 4)[0])
+    kernel = count(lambda t: torch.ops.timevlm.self_attention(t, torch.zeros(3 * 64), 4)[0])
     # PyTorch counts its fused kernels from the same formulas (registered for the CUDA ones)
     expected = 4 * 4 * 4 * 16 * 16 * 16 + 10 * 4 * 4 * 16 * 16 * 16  # forward 2 products, backward 5, of 2*b*h*L*L*D
     assert kernel == expected
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(5, 7, 32), (300, 16), (1, 24)])
+def test_linear_relu_matches_relu_of_linear_values_and_gradients(shape):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(shape[-1], 48)
+    x = torch.randn(*shape, requires_grad=True)
+    assert elementwise.usable(x, lin)
+    grads = []
+    for fn in (lambda t: elementwise.linear_relu(t, lin), lambda t: F.relu(lin(t))):
+        x.grad = lin.weight.grad = lin.bias.grad = None
+        y = fn(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads.append((y.detach(), x.grad, lin.weight.grad, lin.bias.grad))
+    (y1, gx1, gw1, gb1), (y2, gx2, gw2, gb2) = grads
+    assert y1.shape == y2.shape and torch.equal(y1, y2)
+    assert torch.equal(gx1, gx2) and torch.equal(gw1, gw2)  # the same mask, the same products
+    # the bias gradient, summed in blocks here and by torch's sum there: both against the sum in double
+    exact = (torch.linspace(-1, 1, y1.numel()).view_as(y1).double() * (y1 > 0)).reshape(-1, 48).sum(0)
+    assert (gb1.double() - exact).abs().max() <= (gb2.double() - exact).abs().max() + 1e-6
+
+
+@needs_kernel
+def test_hashed_dropout_masks_are_independent_of_each_other_and_of_position():
+    torch.manual_seed(5)
+    a, b = (elementwise.dropout(torch.ones(256, 1024), 0.5) > 0 for _ in range(2))
+    assert a.float().mean().item() == pytest.approx(0.5, abs=4e-3)
+    assert (a == b).float().mean().item() == pytest.approx(0.5, abs=4e-3)  # two calls: unrelated masks
+    rows, cols = a.float().mean(1), a.float().mean(0)  # no structure along either axis
+    assert rows.std().item() < 0.05 and cols.std().item() < 0.05
+    assert (a[:, 1:] == a[:, :-1]).float().mean().item() == pytest.approx(0.5, abs=4e-3)  # neighbours independent
 
 
 def test_build_without_a_compiler_says_why_once_and_falls_back(monkeypatch, tmp_path, caplog):
@@ -108,11 +144,17 @@ def test_kernels_can_be_turned_off(monkeypatch):
     build.load.cache_clear()
     try:
         assert not attention.usable(torch.zeros(1, 1, 3), 1)
+        assert not elementwise.usable(torch.zeros(2, 4), torch.nn.Linear(4, 4))
         from timevlm.model.layers import multihead_attention
+
+        from timevlm.model.layers import Dropout
 
         attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
         x = torch.randn(2, 5, 16)
         torch.testing.assert_close(multihead_attention(attn, x, x), attn(x, x, x, need_weights=False)[0])
+        y = Dropout(0.25).train()(torch.ones(500, 400))  # NumPy's mask instead of the hashed one
+        assert (y > 0).float().mean().item() == pytest.approx(0.75, abs=4e-3)
+        assert torch.unique(y).tolist() == [0.0, pytest.approx(4 / 3)]
     finally:
         build.load.cache_clear()
 

@@ -1,16 +1,19 @@
 // Self-attention over many short sequences on the CPU, fp32, forward and backward.
 //
 // One task per (sequence, head): its queries, keys and values (at most a few hundred rows of a few dozen
-// columns) are copied from the packed [rows, 3 * H * D] projection into small buffers that stay in the L1/L2
-// cache, the scores, softmax, weighted values and (backward) all five gradient products are computed there,
-// and the results are written straight into the packed layouts the projections use: the forward writes
-// [rows, H * D] (what the output projection reads) and the backward writes [rows, 3 * H * D] (the gradient of
-// the input projection's output). PyTorch's fused CPU kernel needs the heads split out of the projection and,
-// in the backward, zero-filled gradients and a concatenation of the three, each a full pass over memory.
+// columns) are copied from the packed [rows, 3 * H * D] projection, its bias added on the way, into small
+// buffers that stay in the L1/L2 cache; the scores, softmax, weighted values and (backward) all five gradient
+// products are computed there, and the results are written straight into the packed layouts the projections
+// use: the forward writes [rows, H * D] (what the output projection reads), the backward [rows, 3 * H * D] (the
+// gradient of the input projection's output) and the bias gradient. PyTorch's path writes the bias into the
+// projection's output before the product (`addmm`), splits the heads out, and in the backward zero-fills the
+// three gradients, concatenates them and sums them for the bias: each a full pass over memory.
 //
 // Math as in FlashAttention: the forward saves each row's log-sum-exp, the backward recomputes the
 // probabilities from it. Sizes need not be multiples of anything: buffers are zero-padded to 16 columns.
 // Built by timevlm/kernels/build.py with -O3 -march=native (AVX-512 micro-kernel where the CPU has it).
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -25,33 +28,34 @@ namespace {
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// C[4 x 16*NB] = A[4 x K] B[K x 16*NB]. A is row-major (element (r, k) at A[r * lda + k]) or, with
-// A_T, stored transposed (element (r, k) at A[k * lda + r]). B and C are row-major.
-template <int NB, bool A_T>
+// C[MR x 16*NB] = A[MR x K] B[K x 16*NB]. A is row-major (element (r, k) at A[r * lda + k]) or, with
+// A_T, stored transposed (element (r, k) at A[k * lda + r]). B and C are row-major. MR * NB = 16 or 8
+// accumulators in registers.
+template <int MR, int NB, bool A_T>
 inline void tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
 #if defined(__AVX512F__)
-    __m512 acc[4][NB];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r)
+    __m512 acc[MR][NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
         for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int k = 0; k < K; ++k) {
         __m512 b[NB];
 #pragma GCC unroll 4
         for (int c = 0; c < NB; ++c) b[c] = _mm512_loadu_ps(B + (size_t)k * ldb + 16 * c);
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
             const __m512 a = _mm512_set1_ps(A_T ? A[(size_t)k * lda + r] : A[(size_t)r * lda + k]);
 #pragma GCC unroll 4
             for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
         }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
         for (int c = 0; c < NB; ++c) _mm512_storeu_ps(C + (size_t)r * ldc + 16 * c, acc[r][c]);
 #else
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < MR; ++r) {
         float* c = C + (size_t)r * ldc;
         for (int j = 0; j < 16 * NB; ++j) c[j] = 0.f;
         for (int k = 0; k < K; ++k) {
@@ -63,17 +67,20 @@ inline void tile(int K, const float* A, int lda, const float* B, int ldb, float*
 #endif
 }
 
-// C[M x N] = A[M x K] B[K x N], M a multiple of 4, N of 16 (the buffers are padded to that).
+// C[M x N] = A[M x K] B[K x N], M a multiple of 8, N of 16 (the buffers are padded to that): 4 x 64 tiles
+// where N allows, else 8 x 32 and 8 x 16.
 template <bool A_T>
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
-    for (int i = 0; i < M; i += 4) {
-        const float* a = A_T ? A + i : A + (size_t)i * lda;
-        float* c = C + (size_t)i * ldc;
-        int j = 0;
-        for (; j + 64 <= N; j += 64) tile<4, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
-        for (; j + 32 <= N; j += 32) tile<2, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
-        for (; j < N; j += 16) tile<1, A_T>(K, a, lda, B + j, ldb, c + j, ldc);
-    }
+    int j = 0;
+    for (; j + 64 <= N; j += 64)
+        for (int i = 0; i < M; i += 4)
+            tile<4, 4, A_T>(K, A_T ? A + i : A + (size_t)i * lda, lda, B + j, ldb, C + (size_t)i * ldc + j, ldc);
+    for (; j + 32 <= N; j += 32)
+        for (int i = 0; i < M; i += 8)
+            tile<8, 2, A_T>(K, A_T ? A + i : A + (size_t)i * lda, lda, B + j, ldb, C + (size_t)i * ldc + j, ldc);
+    for (; j < N; j += 16)
+        for (int i = 0; i < M; i += 8)
+            tile<8, 1, A_T>(K, A_T ? A + i : A + (size_t)i * lda, lda, B + j, ldb, C + (size_t)i * ldc + j, ldc);
 }
 
 // dst[k * ld_dst + i] = src[i * ld_src + k] for i < rows, k < cols (both multiples of 16: padded buffers)
@@ -119,11 +126,20 @@ inline void copy_scaled(int n, const float* src, float s, float* dst) {
     for (int k = 0; k < n; ++k) dst[k] = src[k] * s;
 }
 
+inline void add_bias(int n, const float* src, const float* bias, float s, float* dst) {
+    for (int k = 0; k < n; ++k) dst[k] = (src[k] + bias[k]) * s;
+}
+
+inline void accumulate(int rows, int n, const float* src, int ld, float s, double* acc) {
+    for (int i = 0; i < rows; ++i)
+        for (int k = 0; k < n; ++k) acc[k] += src[(size_t)i * ld + k] * s;
+}
+
 struct Shape {
     int L, H, D, d, row, Lr, Lc, Dp;
     float scale;
     Shape(int L_, int H_, int D_)
-        : L(L_), H(H_), D(D_), d(H_ * D_), row(3 * H_ * D_), Lr(round_up(L_, 4)), Lc(round_up(L_, 16)),
+        : L(L_), H(H_), D(D_), d(H_ * D_), row(3 * H_ * D_), Lr(round_up(L_, 8)), Lc(round_up(L_, 16)),
           Dp(round_up(D_, 16)), scale(1.0f / std::sqrt((float)D_)) {}
 };
 
@@ -131,9 +147,10 @@ struct Shape {
 
 extern "C" {
 
-// qkv [B, L, 3*H*D] -> out [B, L, H*D], lse [B, H, L]. `threads` OpenMP threads over the B*H tasks.
-void timevlm_attention_forward(const float* qkv, float* out, float* lse, int B, int L, int H, int D,
-                               int threads) {
+// qkv [B, L, 3*H*D] (the projection before its bias), bias [3*H*D] -> out [B, L, H*D], lse [B, H, L].
+// `threads` OpenMP threads over the B sequences.
+void timevlm_attention_forward(const float* qkv, const float* bias, float* out, float* lse, int B, int L, int H,
+                               int D, int threads) {
     const Shape s(L, H, D);
 #pragma omp parallel num_threads(threads)
     {
@@ -147,11 +164,12 @@ void timevlm_attention_forward(const float* qkv, float* out, float* lse, int B, 
           for (int h = 0; h < H; ++h) {
             const int t = b * H + h;
             const float* src = qkv + (size_t)b * L * s.row + (size_t)h * D;
+            const float *bq = bias + (size_t)h * D, *bk = bq + s.d, *bv = bk + s.d;
             for (int i = 0; i < L; ++i) {
                 const float* r = src + (size_t)i * s.row;
-                copy_scaled(D, r, s.scale, Q + (size_t)i * s.Dp);
-                copy(D, r + s.d, Ks + (size_t)i * s.Dp);
-                copy(D, r + 2 * s.d, V + (size_t)i * s.Dp);
+                add_bias(D, r, bq, s.scale, Q + (size_t)i * s.Dp);
+                add_bias(D, r + s.d, bk, 1.f, Ks + (size_t)i * s.Dp);
+                add_bias(D, r + 2 * s.d, bv, 1.f, V + (size_t)i * s.Dp);
             }
             transpose(s.Lc, s.Dp, Ks, s.Dp, Kt, s.Lc);
             gemm<false>(s.Lr, s.Lc, s.Dp, Q, s.Dp, Kt, s.Lc, S, s.Lc);
@@ -178,12 +196,16 @@ void timevlm_attention_forward(const float* qkv, float* out, float* lse, int B, 
     }
 }
 
-// dout, out [B, L, H*D], qkv [B, L, 3*H*D], lse [B, H, L] -> dqkv [B, L, 3*H*D] (every element written)
-void timevlm_attention_backward(const float* dout, const float* qkv, const float* out, const float* lse,
-                                float* dqkv, int B, int L, int H, int D, int threads) {
+// dout, out [B, L, H*D], qkv [B, L, 3*H*D], bias [3*H*D], lse [B, H, L] -> dqkv [B, L, 3*H*D] (every element
+// written) and dbias [3*H*D] (its sum over rows, in double per thread, added in thread order).
+void timevlm_attention_backward(const float* dout, const float* qkv, const float* bias, const float* out,
+                                const float* lse, float* dqkv, float* dbias, int B, int L, int H, int D,
+                                int threads) {
     const Shape s(L, H, D);
+    std::vector<double> partial((size_t)threads * s.row, 0.0);
 #pragma omp parallel num_threads(threads)
     {
+        double* db = partial.data() + (size_t)omp_get_thread_num() * s.row;
         const size_t n = (size_t)s.Lc * s.Dp;
         // Q (pre-scaled), K, Kt, Vt, dO, G (staging) [Lc x Dp or Dp x Lc]; P, dS [Lc x Lc]
         std::vector<float> buf(7 * n + 2 * (size_t)s.Lc * s.Lc, 0.f);
@@ -199,11 +221,13 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
             const float* o = out + (size_t)b * L * s.d + (size_t)h * D;
             float* dst = dqkv + (size_t)b * L * s.row + (size_t)h * D;
             const float* row_lse = lse + (size_t)t * L;
+            const float *bq = bias + (size_t)h * D, *bk = bq + s.d, *bv = bk + s.d;
+            double *dbq = db + (size_t)h * D, *dbk = dbq + s.d, *dbv = dbk + s.d;
             for (int i = 0; i < L; ++i) {
                 const float* r = src + (size_t)i * s.row;
-                copy_scaled(D, r, s.scale, Q + (size_t)i * s.Dp);
-                copy(D, r + s.d, K + (size_t)i * s.Dp);
-                copy(D, r + 2 * s.d, Vs + (size_t)i * s.Dp);
+                add_bias(D, r, bq, s.scale, Q + (size_t)i * s.Dp);
+                add_bias(D, r + s.d, bk, 1.f, K + (size_t)i * s.Dp);
+                add_bias(D, r + 2 * s.d, bv, 1.f, Vs + (size_t)i * s.Dp);
                 const float* g = go + (size_t)i * s.d;
                 const float* oi = o + (size_t)i * s.d;
                 copy(D, g, dO + (size_t)i * s.Dp);
@@ -224,6 +248,7 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
             // dV = P^T dO
             gemm<true>(s.Lr, s.Dp, s.Lr, P, s.Lc, dO, s.Dp, G, s.Dp);
             for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + 2 * s.d);
+            accumulate(L, D, G, s.Dp, 1.f, dbv);
             // dS = P * (dO V^T - delta)
             gemm<false>(s.Lr, s.Lc, s.Dp, dO, s.Dp, Vt, s.Lc, dS, s.Lc);
             for (int i = 0; i < s.Lr; ++i) {
@@ -235,11 +260,18 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
             // dQ = dS K / sqrt(D)
             gemm<false>(s.Lr, s.Dp, s.Lr, dS, s.Lc, K, s.Dp, G, s.Dp);
             for (int i = 0; i < L; ++i) copy_scaled(D, G + (size_t)i * s.Dp, s.scale, dst + (size_t)i * s.row);
+            accumulate(L, D, G, s.Dp, s.scale, dbq);
             // dK = dS^T Q / sqrt(D) (Q is already scaled)
             gemm<true>(s.Lr, s.Dp, s.Lr, dS, s.Lc, Q, s.Dp, G, s.Dp);
             for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + s.d);
+            accumulate(L, D, G, s.Dp, 1.f, dbk);
           }
         }
+    }
+    for (int k = 0; k < s.row; ++k) {
+        double sum = 0.0;
+        for (int t = 0; t < threads; ++t) sum += partial[(size_t)t * s.row + k];
+        dbias[k] = (float)sum;
     }
 }
 

@@ -1,5 +1,5 @@
-"""`timevlm::self_attention`: multi-head self-attention straight from a packed [B, L, 3*H*D] projection, on the
-CPU in fp32, by the kernel in attention.cpp; a PyTorch custom operator with its own backward, so autograd,
+"""`timevlm::self_attention`: multi-head self-attention straight from a packed [B, L, 3*H*D] projection (before
+its bias, which the kernel adds), on the CPU in fp32, by the kernel in attention.cpp; a PyTorch custom operator with its own backward, so autograd,
 `torch.compile` (an opaque call) and `FlopCounterMode` (same count as the fused SDPA kernel) all see it.
 
 On the step it was written for (ETTh1, seq_len 512: 224 sequences of 64 patches, 4 heads of 32) it replaces
@@ -23,17 +23,17 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 def _library() -> ctypes.CDLL | None:
     lib = build.load("attention")
     if lib is not None and not hasattr(lib, "_typed"):
-        lib.timevlm_attention_forward.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
-        lib.timevlm_attention_backward.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        lib.timevlm_attention_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
+        lib.timevlm_attention_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
         lib.timevlm_attention_forward.restype = lib.timevlm_attention_backward.restype = None
         lib._typed = True
     return lib
 
 
-def usable(qkv: torch.Tensor, heads: int) -> bool:
-    """Whether the kernel can take this projection (CPU, fp32, [B, L, 3*H*D]) on this machine."""
-    return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 3
-            and qkv.shape[-1] % (3 * heads) == 0 and _library() is not None)
+def usable(x: torch.Tensor, heads: int) -> bool:
+    """Whether the kernel can take self-attention over x [B, L, H*D] (CPU, fp32) on this machine."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % heads == 0
+            and _library() is not None)
 
 
 def _dims(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
@@ -42,51 +42,54 @@ def _dims(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
 
 
 @torch.library.custom_op("timevlm::self_attention", mutates_args=())
-def self_attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv [B, L, 3*H*D] (queries, keys, values side by side, heads within each) -> (out [B, L, H*D],
-    log-sum-exp of each query's scores [B, H, L], kept for the backward)."""
-    qkv = qkv.contiguous()
+def self_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [B, L, 3*H*D] (queries, keys, values side by side, heads within each; without the bias) and
+    bias [3*H*D] -> (out [B, L, H*D], log-sum-exp of each query's scores [B, H, L], kept for the backward)."""
+    qkv, bias = qkv.contiguous(), bias.contiguous()
     b, length, d, head_dim = _dims(qkv, heads)
     out, lse = qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
-    _library().timevlm_attention_forward(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, length, heads,
-                                         head_dim, torch.get_num_threads())
+    _library().timevlm_attention_forward(qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), lse.data_ptr(), b,
+                                         length, heads, head_dim, torch.get_num_threads())
     return out, lse
 
 
 @self_attention.register_fake
-def _(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, length, d, _ = _dims(qkv, heads)
     return qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
 
 
 @torch.library.custom_op("timevlm::self_attention_backward", mutates_args=())
-def self_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                            heads: int) -> torch.Tensor:
-    """The gradient of self_attention's `out` -> the gradient of its qkv input [B, L, 3*H*D]."""
-    grad, qkv = grad.contiguous(), qkv.contiguous()
+def self_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+                            lse: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of self_attention's `out` -> the gradients of its qkv [B, L, 3*H*D] and bias [3*H*D]."""
+    grad, qkv, bias = grad.contiguous(), qkv.contiguous(), bias.contiguous()
     b, length, _, head_dim = _dims(qkv, heads)
-    dqkv = torch.empty_like(qkv)
-    _library().timevlm_attention_backward(grad.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                          dqkv.data_ptr(), b, length, heads, head_dim, torch.get_num_threads())
-    return dqkv
+    dqkv, dbias = torch.empty_like(qkv), torch.empty_like(bias)
+    _library().timevlm_attention_backward(grad.data_ptr(), qkv.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                          lse.data_ptr(), dqkv.data_ptr(), dbias.data_ptr(), b, length, heads,
+                                          head_dim, torch.get_num_threads())
+    return dqkv, dbias
 
 
 @self_attention_backward.register_fake
-def _(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int) -> torch.Tensor:
-    return torch.empty_like(qkv)
+def _(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(qkv), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    qkv, heads = inputs
+    qkv, bias, heads = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
+    ctx.save_for_backward(qkv, bias, out, lse)
     ctx.heads = heads
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out: torch.Tensor, _grad_lse) -> tuple[torch.Tensor, None]:
-    qkv, out, lse = ctx.saved_tensors
-    return self_attention_backward(grad_out, qkv, out, lse, ctx.heads), None
+def _backward(ctx, grad_out: torch.Tensor, _grad_lse) -> tuple[torch.Tensor, torch.Tensor, None]:
+    qkv, bias, out, lse = ctx.saved_tensors
+    dqkv, dbias = self_attention_backward(grad_out, qkv, bias, out, lse, ctx.heads)
+    return dqkv, dbias, None
 
 
 self_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -98,12 +101,12 @@ def _head_shape(qkv_shape, heads: int) -> tuple[int, int, int, int]:
 
 
 @register_flop_formula(torch.ops.timevlm.self_attention)
-def _forward_flops(qkv_shape, heads: int, *args, **kwargs) -> int:
+def _forward_flops(qkv_shape, bias_shape, heads: int, *args, **kwargs) -> int:
     q = _head_shape(qkv_shape, heads)
     return sdpa_flop_count(q, q, q)
 
 
 @register_flop_formula(torch.ops.timevlm.self_attention_backward)
-def _backward_flops(grad_shape, qkv_shape, output_shape, lse_shape, heads: int, *args, **kwargs) -> int:
+def _backward_flops(grad_shape, qkv_shape, bias_shape, output_shape, lse_shape, heads: int, *args, **kwargs) -> int:
     q = _head_shape(qkv_shape, heads)
     return sdpa_backward_flop_count(q, q, q, q)

@@ -25,7 +25,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# per library: the attention's softmax needs -ffast-math for glibc's vectorised expf
+EXTRA_FLAGS = {"attention": ("-ffast-math",)}
 ENABLE_ENV, CACHE_ENV = "TIMEVLM_CPU_KERNELS", "TIMEVLM_KERNEL_CACHE"
 _HERE = Path(__file__).resolve().parent
 _log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def compile_library(name: str) -> Path:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     source = _HERE / f"{name}.cpp"
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    flags = (*FLAGS, *EXTRA_FLAGS.get(name, ()))
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -66,7 +69,7 @@ def compile_library(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} could not build {source.name}:\n{done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)

@@ -1,4 +1,4 @@
-"""Two building blocks the training step spends its time in, made cheap on CPU.
+"""Building blocks the training step spends its time in, made cheap on CPU.
 
 `Dropout`: `nn.Dropout` draws one random number per element through the CPU generator, which on a 2-core
 machine cost more than all the step's matrix products together (39% of a seq_len-512 step). This one draws
@@ -8,7 +8,10 @@ NumPy's SFC64 generator, seeded per call from torch's CPU generator (so `torch.m
 every mask): it fills them 2.2x faster than torch's Mersenne Twister (1.0 against 2.2 ms for a seq_len-512
 step's 1.8M elements). NumPy also turns the draws into the scaled float mask (compare, then one multiply that
 casts): 0.9 ms against 2.8 ms for torch's int16 compare, bool-to-float copy and scaling on one thread (the
-same mask, bit for bit). Off the CPU it is `F.dropout` (the GPU generator is fast).
+same mask, bit for bit). Where the CPU kernels build (timevlm/kernels, fp32), the mask is not drawn at all: a
+hash of a key from torch's generator and each element's index decides it inside the one sweep that applies
+it, forward and backward alike (the same keep probability, no mask in memory; 4-5 ms less a seq_len-512
+step). Off the CPU it is `F.dropout` (the GPU generator is fast).
 
 `multihead_attention`: the projections of an `nn.MultiheadAttention` (so state_dicts keep their names) around
 `F.scaled_dot_product_attention` without attention dropout, which lets PyTorch take its fused kernel; a random
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.kernels import attention as attention_kernel
+from timevlm.kernels import elementwise
 
 _SEED = 2 ** 63 - 1
 
@@ -34,6 +38,8 @@ class Dropout(nn.Dropout):
             return x
         if x.device.type != "cpu" or self.p >= 1.0:
             return F.dropout(x, self.p, True)
+        if elementwise.dropout_usable(x):  # the mask hashed in the sweep that applies it (timevlm/kernels)
+            return elementwise.dropout(x, self.p)
         n = x.numel()
         seed = int(torch.randint(_SEED, ()))
         draws = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
@@ -46,10 +52,9 @@ def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_va
     """[B, Lq, d] attending over [B, Lk, d] with `attn`'s weights (batch_first, no mask) -> [B, Lq, d]."""
     w, b, d, h = attn.in_proj_weight, attn.in_proj_bias, query.shape[-1], attn.num_heads
     if query is key_value:
-        qkv = F.linear(query, w, b)
-        if attention_kernel.usable(qkv, h):  # CPU fp32: the hand-written kernel reads the packed projection
-            return attn.out_proj(torch.ops.timevlm.self_attention(qkv, h)[0])
-        q, k, v = qkv.chunk(3, dim=-1)
+        if attention_kernel.usable(query, h):  # CPU fp32: the kernel adds the bias and reads the packed projection
+            return attn.out_proj(torch.ops.timevlm.self_attention(torch.matmul(query, w.t()), b, h)[0])
+        q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
     else:
         q = F.linear(query, w[:d], b[:d])
         k, v = F.linear(key_value, w[d:], b[d:]).chunk(2, dim=-1)

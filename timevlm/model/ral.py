@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
+from timevlm.kernels.elementwise import linear_relu
 from timevlm.model.layers import Dropout, multihead_attention
 
 
@@ -94,7 +95,7 @@ class LocalAttention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.norm1(h)
         h = h + multihead_attention(self.self_attn, x, x)
-        return h + self.linear2(F.relu(self.linear1(self.norm2(h))))
+        return h + self.linear2(linear_relu(self.norm2(h), self.linear1))
 
 
 class RAL(nn.Module):

@@ -1,0 +1,93 @@
+// Elementwise passes that PyTorch runs as separate sweeps over memory, here one each.
+//
+// Dropout: `dropout` multiplies by a keep mask scaled by 1 / (1 - p) in one sweep, the mask computed on the fly
+// from a 32-bit key and each element's index (a bijective integer hash, so no random numbers are stored); the
+// backward calls it again with the same key on the gradient, which gives the same mask. The Python side takes
+// the key from torch's generator, so torch.manual_seed decides every mask.
+//
+// Linear + ReLU:
+// Forward: y = x W^T comes from PyTorch's matrix product (no bias); `bias_relu` then makes y = max(y + b, 0) in
+// place, where `addmm` writes the bias into a fresh [rows, cols] output before the product and `relu` reads it
+// back and writes a second one. Backward: `relu_backward_bias` writes g * (y > 0) and sums it over rows for
+// the bias gradient in the same sweep (PyTorch: `threshold_backward`, then a separate `sum`). The sums run in
+// float over blocks of 8 rows, in double per thread across blocks, and are added in thread order: the same
+// bits for the same thread count. Built by timevlm/kernels/build.py.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// "lowbias32" (C. Wellons' hash prospector): a bijection on 32-bit words with a low avalanche bias.
+inline uint32_t mix(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[i] = x[i] * scale if the 16-bit draw (mix(i ^ key) >> 16) >= threshold, else 0; n < 2^32. y may be x.
+void timevlm_dropout(const float* x, float* y, long n, uint32_t key, uint32_t threshold, float scale,
+                     int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < n; ++i) {
+        const uint32_t draw = mix((uint32_t)i ^ key) >> 16;
+        y[i] = draw >= threshold ? x[i] * scale : 0.f;
+    }
+}
+
+void timevlm_bias_relu(float* y, const float* b, long rows, int cols, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; ++i) {
+        float* r = y + (size_t)i * cols;
+#pragma omp simd
+        for (int j = 0; j < cols; ++j) {
+            const float v = r[j] + b[j];
+            r[j] = v > 0.f ? v : 0.f;
+        }
+    }
+}
+
+void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __restrict__ y, float* __restrict__ gx,
+                                float* __restrict__ db, long rows, int cols, int threads) {
+    const long block = 8;  // rows summed in float, then added to the thread's sums in double
+    const long blocks = (rows + block - 1) / block;
+    std::vector<double> partial((size_t)threads * cols, 0.0);
+#pragma omp parallel num_threads(threads)
+    {
+        double* __restrict__ acc = partial.data() + (size_t)omp_get_thread_num() * cols;
+        std::vector<float> sums(cols);
+        float* __restrict__ bs = sums.data();
+#pragma omp for schedule(static)
+        for (long k = 0; k < blocks; ++k) {
+            for (int j = 0; j < cols; ++j) bs[j] = 0.f;
+            for (long i = k * block; i < std::min(rows, (k + 1) * block); ++i) {
+                const float* __restrict__ gr = g + (size_t)i * cols;
+                const float* __restrict__ yr = y + (size_t)i * cols;
+                float* __restrict__ out = gx + (size_t)i * cols;
+                for (int j = 0; j < cols; ++j) {
+                    const float v = yr[j] > 0.f ? gr[j] : 0.f;
+                    out[j] = v;
+                    bs[j] += v;
+                }
+            }
+            for (int j = 0; j < cols; ++j) acc[j] += bs[j];
+        }
+    }
+    for (int j = 0; j < cols; ++j) {
+        double s = 0.0;
+        for (int t = 0; t < threads; ++t) s += partial[(size_t)t * cols + j];
+        db[j] = (float)s;
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,94 @@
+"""`dropout(x, p)`: training-mode dropout in one sweep each way, the mask hashed from a key and each element's
+index (elementwise.cpp) instead of drawn, stored and multiplied; the key comes from torch's generator.
+
+`linear_relu(x, linear)` = relu(linear(x)) with the bias and the ReLU applied in one sweep after the matrix
+product, and the backward's ReLU mask and bias gradient in another (elementwise.cpp), on the CPU in fp32;
+elsewhere it is `F.relu(linear(x))`. The products stay PyTorch's (so FlopCounterMode counts them as before).
+
+On the feed-forward layer of the seq_len-512 step ([14336, 128] -> [14336, 256]) it replaces `addmm`'s bias
+copy, `relu`, `threshold_backward` and the bias gradient's `sum`: four sweeps over 14.7 MB by two.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timevlm.kernels import build
+
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+def _library() -> ctypes.CDLL | None:
+    lib = build.load("elementwise")
+    if lib is not None and not hasattr(lib, "_typed"):
+        lib.timevlm_bias_relu.argtypes = [_P, _P, _L, _I, _I]
+        lib.timevlm_relu_backward_bias.argtypes = [_P, _P, _P, _P, _L, _I, _I]
+        lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
+        lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
+        lib._typed = True
+    return lib
+
+
+def _apply_mask(x: torch.Tensor, key: int, threshold: int, scale: float) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _library().timevlm_dropout(x.data_ptr(), y.data_ptr(), x.numel(), key, threshold, scale, torch.get_num_threads())
+    return y
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        # an element is kept when its 16-bit draw >= round(p * 65536): probability 1 - p (p rounded to 1/65536)
+        ctx.mask = (int(torch.randint(2 ** 32, (), dtype=torch.int64)), int(round(p * 65536)), 1.0 / (1.0 - p))
+        return _apply_mask(x, *ctx.mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _apply_mask(grad, *ctx.mask), None
+
+
+def dropout_usable(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() < 2 ** 32 and _library() is not None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of x (CPU, fp32; see dropout_usable) with 0 < p < 1."""
+    return _Dropout.apply(x, p)
+
+
+class _LinearReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, weight.t())
+        _library().timevlm_bias_relu(y.data_ptr(), bias.contiguous().data_ptr(), y.shape[0], y.shape[1],
+                                     torch.get_num_threads())
+        ctx.save_for_backward(flat, weight, y)
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, weight, y = ctx.saved_tensors
+        g = grad.reshape(y.shape).contiguous()
+        gy, db = torch.empty_like(y), torch.empty(y.shape[1], dtype=y.dtype)
+        _library().timevlm_relu_backward_bias(g.data_ptr(), y.data_ptr(), gy.data_ptr(), db.data_ptr(),
+                                              y.shape[0], y.shape[1], torch.get_num_threads())
+        dx = torch.mm(gy, weight).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(gy.t(), flat) if ctx.needs_input_grad[1] else None
+        return dx, dw, db if ctx.needs_input_grad[2] else None
+
+
+def usable(x: torch.Tensor, linear: nn.Linear) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and linear.weight.dtype == torch.float32
+            and linear.bias is not None and _library() is not None)
+
+
+def linear_relu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    if usable(x, linear):
+        return _LinearReLU.apply(x, linear.weight, linear.bias)
+    return F.relu(linear(x))
