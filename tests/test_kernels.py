@@ -107,6 +107,22 @@ def test_linear_relu_matches_relu_of_linear_values_and_gradients(shape):
 
 
 @needs_kernel
+def test_residual_linear_matches_the_sum_values_and_gradients():
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(24, 40)
+    x, h = torch.randn(3, 11, 24, requires_grad=True), torch.randn(3, 11, 40, requires_grad=True)
+    grads = []
+    for fn in (lambda: elementwise.residual_linear(h, x, lin.weight, lin.bias), lambda: h + lin(x)):
+        x.grad = h.grad = lin.weight.grad = lin.bias.grad = None
+        y = fn()
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads.append((y.detach(), x.grad, h.grad, lin.weight.grad, lin.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(grads[0][2], torch.linspace(-1, 1, 3 * 11 * 40).view(3, 11, 40))  # dh is the gradient
+
+
+@needs_kernel
 def test_hashed_dropout_masks_are_independent_of_each_other_and_of_position():
     torch.manual_seed(5)
     a, b = (elementwise.dropout(torch.ones(256, 1024), 0.5) > 0 for _ in range(2))

@@ -130,9 +130,16 @@ inline void add_bias(int n, const float* src, const float* bias, float s, float*
     for (int k = 0; k < n; ++k) dst[k] = (src[k] + bias[k]) * s;
 }
 
-inline void accumulate(int rows, int n, const float* src, int ld, float s, double* acc) {
-    for (int i = 0; i < rows; ++i)
-        for (int k = 0; k < n; ++k) acc[k] += src[(size_t)i * ld + k] * s;
+// acc[k] += s * sum_i src[i * ld + k]: the rows summed in float (a few dozen), the total kept in double
+inline void accumulate(int rows, int n, const float* __restrict__ src, int ld, float s, double* __restrict__ acc) {
+    float col[256];
+    for (int k0 = 0; k0 < n; k0 += 256) {
+        const int m = std::min(256, n - k0);
+        for (int k = 0; k < m; ++k) col[k] = 0.f;
+        for (int i = 0; i < rows; ++i)
+            for (int k = 0; k < m; ++k) col[k] += src[(size_t)i * ld + k0 + k];
+        for (int k = 0; k < m; ++k) acc[k0 + k] += (double)col[k] * s;
+    }
 }
 
 struct Shape {

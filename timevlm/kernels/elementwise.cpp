@@ -5,6 +5,10 @@
 // backward calls it again with the same key on the gradient, which gives the same mask. The Python side takes
 // the key from torch's generator, so torch.manual_seed decides every mask.
 //
+// Residual + Linear: `add_bias_residual` makes y = y + h + b in one sweep after PyTorch's product y = x W^T,
+// where `addmm` writes the bias into the output before the product (which then reads it back) and the residual
+// add reads both again into a third tensor.
+//
 // Linear + ReLU:
 // Forward: y = x W^T comes from PyTorch's matrix product (no bias); `bias_relu` then makes y = max(y + b, 0) in
 // place, where `addmm` writes the bias into a fresh [rows, cols] output before the product and `relu` reads it
@@ -54,6 +58,17 @@ void timevlm_bias_relu(float* y, const float* b, long rows, int cols, int thread
             const float v = r[j] + b[j];
             r[j] = v > 0.f ? v : 0.f;
         }
+    }
+}
+
+void timevlm_add_bias_residual(float* __restrict__ y, const float* __restrict__ h, const float* __restrict__ b,
+                               long rows, int cols, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; ++i) {
+        float* __restrict__ r = y + (size_t)i * cols;
+        const float* __restrict__ hr = h + (size_t)i * cols;
+#pragma omp simd
+        for (int j = 0; j < cols; ++j) r[j] += hr[j] + b[j];
     }
 }
 

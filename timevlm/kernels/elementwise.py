@@ -1,6 +1,9 @@
 """`dropout(x, p)`: training-mode dropout in one sweep each way, the mask hashed from a key and each element's
 index (elementwise.cpp) instead of drawn, stored and multiplied; the key comes from torch's generator.
 
+`residual_linear(h, x, weight, bias)` = h + F.linear(x, weight, bias) with the bias and the residual added in
+one sweep after the product (no `addmm` bias copy, no separate add).
+
 `linear_relu(x, linear)` = relu(linear(x)) with the bias and the ReLU applied in one sweep after the matrix
 product, and the backward's ReLU mask and bias gradient in another (elementwise.cpp), on the CPU in fp32;
 elsewhere it is `F.relu(linear(x))`. The products stay PyTorch's (so FlopCounterMode counts them as before).
@@ -26,6 +29,8 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None and not hasattr(lib, "_typed"):
         lib.timevlm_bias_relu.argtypes = [_P, _P, _L, _I, _I]
         lib.timevlm_relu_backward_bias.argtypes = [_P, _P, _P, _P, _L, _I, _I]
+        lib.timevlm_add_bias_residual.argtypes = [_P, _P, _P, _L, _I, _I]
+        lib.timevlm_add_bias_residual.restype = None
         lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
         lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
         lib._typed = True
@@ -81,6 +86,36 @@ class _LinearReLU(torch.autograd.Function):
         dx = torch.mm(gy, weight).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
         dw = torch.mm(gy.t(), flat) if ctx.needs_input_grad[1] else None
         return dx, dw, db if ctx.needs_input_grad[2] else None
+
+
+class _ResidualLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, weight.t())
+        res = h.reshape(y.shape).contiguous()
+        _library().timevlm_add_bias_residual(y.data_ptr(), res.data_ptr(), bias.contiguous().data_ptr(), y.shape[0],
+                                             y.shape[1], torch.get_num_threads())
+        ctx.save_for_backward(flat, weight)
+        ctx.x_shape = x.shape
+        return y.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = torch.mm(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[2] else None
+        db = g.sum(0) if ctx.needs_input_grad[3] else None
+        return grad, dx, dw, db
+
+
+def residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h + F.linear(x, weight, bias), h of the output's shape."""
+    if (h.device.type == "cpu" and h.dtype == x.dtype == weight.dtype == bias.dtype == torch.float32
+            and h.shape[:-1] == x.shape[:-1] and h.shape[-1] == weight.shape[0] and _library() is not None):
+        return _ResidualLinear.apply(h, x, weight, bias)
+    return h + F.linear(x, weight, bias)
 
 
 def usable(x: torch.Tensor, linear: nn.Linear) -> bool:

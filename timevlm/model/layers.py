@@ -48,12 +48,19 @@ class Dropout(nn.Dropout):
         return x * mask.to(x.dtype)  # no copy for float32
 
 
-def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
-    """[B, Lq, d] attending over [B, Lk, d] with `attn`'s weights (batch_first, no mask) -> [B, Lq, d]."""
+def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Lq, d] attending over [B, Lk, d] with `attn`'s weights (batch_first, no mask) -> [B, Lq, d], plus
+    `residual` [B, Lq, d] if given (added with the output projection's bias, in one sweep on CPU)."""
     w, b, d, h = attn.in_proj_weight, attn.in_proj_bias, query.shape[-1], attn.num_heads
+    out_proj = attn.out_proj
+    if query is key_value and attention_kernel.usable(query, h):
+        # CPU fp32: the kernel adds the projection's bias and reads the packed projection as it is
+        out = torch.ops.timevlm.self_attention(torch.matmul(query, w.t()), b, h)[0]
+        if residual is None:
+            return out_proj(out)
+        return elementwise.residual_linear(residual, out, out_proj.weight, out_proj.bias)
     if query is key_value:
-        if attention_kernel.usable(query, h):  # CPU fp32: the kernel adds the bias and reads the packed projection
-            return attn.out_proj(torch.ops.timevlm.self_attention(torch.matmul(query, w.t()), b, h)[0])
         q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
     else:
         q = F.linear(query, w[:d], b[:d])
@@ -62,5 +69,6 @@ def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_va
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (h, d // h)).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
+    return out_proj(out) if residual is None else elementwise.residual_linear(residual, out, out_proj.weight,
+                                                                               out_proj.bias)

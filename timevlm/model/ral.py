@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
-from timevlm.kernels.elementwise import linear_relu
+from timevlm.kernels.elementwise import linear_relu, residual_linear
 from timevlm.model.layers import Dropout, multihead_attention
 
 
@@ -62,8 +62,8 @@ class MemoryBank(nn.Module):
         means = sums[hit] / counts[hit]
         self.slots[hit] = self.momentum * self.slots[hit] + (1 - self.momentum) * means
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """out(softmax(query(h) slots^T / sqrt(d)) slots), with both projections folded into the M slots first:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """out(softmax(query(h) slots^T / sqrt(d)) slots) (+ residual), both projections folded into the M slots:
         (h Wq^T + bq) slots^T = h (slots Wq)^T + slots bq and (a slots) Wo^T = a (Wo slots^T)^T. The same function
         of the same parameters, but its matrix products are [M, d] x [d, d] instead of [B*P, d] x [d, d]: at
         seq_len 512 this drops two of the step's twelve full-width projections (forward and backward)."""
@@ -72,7 +72,10 @@ class MemoryBank(nn.Module):
         slots = self.slots.to(h.dtype)
         keys, key_bias = slots @ self.query.weight * self.scale, slots @ self.query.bias * self.scale
         attn = torch.softmax(F.linear(h, keys, key_bias), dim=-1)
-        return F.linear(attn, self.out.weight @ slots.T, self.out.bias)
+        values = self.out.weight @ slots.T
+        if residual is None:
+            return F.linear(attn, values, self.out.bias)
+        return residual_linear(residual, attn, values, self.out.bias)
 
 
 class LocalAttention(nn.Module):
@@ -94,8 +97,8 @@ class LocalAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.norm1(h)
-        h = h + multihead_attention(self.self_attn, x, x)
-        return h + self.linear2(linear_relu(self.norm2(h), self.linear1))
+        h = multihead_attention(self.self_attn, x, x, residual=h)
+        return residual_linear(h, linear_relu(self.norm2(h), self.linear1), self.linear2.weight, self.linear2.bias)
 
 
 class RAL(nn.Module):
@@ -122,10 +125,11 @@ class RAL(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, l, n = x.shape
         h = self.embed(x.permute(0, 2, 1).reshape(b * n, l))
-        retrieved = self.memory(h)  # global memory: retrieved prototypes
-        if self.memory_gate is not None:
-            retrieved = torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
-        h = h + retrieved
+        if self.memory_gate is None:
+            h = self.memory(h, residual=h)  # global memory: h + the retrieved prototypes
+        else:
+            retrieved = self.memory(h)
+            h = h + torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
         h = self.norm(self.local(h))  # local memory: self-attention over this window's patches
         forecast = self.head(h).reshape(b, n, -1)
         return forecast, h.mean(1).reshape(b, n, -1)
