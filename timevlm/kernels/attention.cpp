@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -122,8 +123,29 @@ inline void copy(int n, const float* src, float* dst) {
     for (int k = 0; k < n; ++k) dst[k] = src[k];
 }
 
+
 inline void copy_scaled(int n, const float* src, float s, float* dst) {
     for (int k = 0; k < n; ++k) dst[k] = src[k] * s;
+}
+
+// Non-temporal stores are weakly ordered: each thread fences them before the parallel region ends.
+inline void fence_stores() {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
+}
+
+// dst[k] = src[k] * s for an output row segment nothing reads again soon: whole 64-byte lines go straight to
+// memory (non-temporal stores, no read-for-ownership) where the segment allows it
+inline void store_scaled(int n, const float* src, float s, float* dst) {
+#if defined(__AVX512F__)
+    if (n % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+        const __m512 f = _mm512_set1_ps(s);
+        for (int k = 0; k < n; k += 16) _mm512_stream_ps(dst + k, _mm512_mul_ps(_mm512_loadu_ps(src + k), f));
+        return;
+    }
+#endif
+    copy_scaled(n, src, s, dst);
 }
 
 inline void add_bias(int n, const float* src, const float* bias, float s, float* dst) {
@@ -197,9 +219,10 @@ void timevlm_attention_forward(const float* qkv, const float* bias, float* out, 
             }
             gemm<false>(s.Lr, s.Dp, s.Lc, S, s.Lc, V, s.Dp, O, s.Dp);
             float* dst = out + (size_t)b * L * s.d + (size_t)h * D;
-            for (int i = 0; i < L; ++i) copy_scaled(D, O + (size_t)i * s.Dp, inv[i], dst + (size_t)i * s.d);
+            for (int i = 0; i < L; ++i) store_scaled(D, O + (size_t)i * s.Dp, inv[i], dst + (size_t)i * s.d);
           }
         }
+        fence_stores();
     }
 }
 
@@ -254,7 +277,7 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
             for (int i = L; i < s.Lr; ++i) std::memset(P + (size_t)i * s.Lc, 0, s.Lc * sizeof(float));
             // dV = P^T dO
             gemm<true>(s.Lr, s.Dp, s.Lr, P, s.Lc, dO, s.Dp, G, s.Dp);
-            for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + 2 * s.d);
+            for (int i = 0; i < L; ++i) store_scaled(D, G + (size_t)i * s.Dp, 1.f, dst + (size_t)i * s.row + 2 * s.d);
             accumulate(L, D, G, s.Dp, 1.f, dbv);
             // dS = P * (dO V^T - delta)
             gemm<false>(s.Lr, s.Lc, s.Dp, dO, s.Dp, Vt, s.Lc, dS, s.Lc);
@@ -266,14 +289,15 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
             }
             // dQ = dS K / sqrt(D)
             gemm<false>(s.Lr, s.Dp, s.Lr, dS, s.Lc, K, s.Dp, G, s.Dp);
-            for (int i = 0; i < L; ++i) copy_scaled(D, G + (size_t)i * s.Dp, s.scale, dst + (size_t)i * s.row);
+            for (int i = 0; i < L; ++i) store_scaled(D, G + (size_t)i * s.Dp, s.scale, dst + (size_t)i * s.row);
             accumulate(L, D, G, s.Dp, s.scale, dbq);
             // dK = dS^T Q / sqrt(D) (Q is already scaled)
             gemm<true>(s.Lr, s.Dp, s.Lr, dS, s.Lc, Q, s.Dp, G, s.Dp);
-            for (int i = 0; i < L; ++i) copy(D, G + (size_t)i * s.Dp, dst + (size_t)i * s.row + s.d);
+            for (int i = 0; i < L; ++i) store_scaled(D, G + (size_t)i * s.Dp, 1.f, dst + (size_t)i * s.row + s.d);
             accumulate(L, D, G, s.Dp, 1.f, dbk);
           }
         }
+        fence_stores();
     }
     for (int k = 0; k < s.row; ++k) {
         double sum = 0.0;

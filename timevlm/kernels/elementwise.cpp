@@ -5,6 +5,10 @@
 // backward calls it again with the same key on the gradient, which gives the same mask. The Python side takes
 // the key from torch's generator, so torch.manual_seed decides every mask.
 //
+// Patch embedding: `embed_forward` makes y = dropout(y + b + pos[row % period]) in place after PyTorch's product
+// y = patches W^T (PyTorch: addmm's bias copy, the position add, the mask draw and multiply); `embed_backward`
+// applies the same mask to the gradient and sums it into the bias and position gradients in the same sweep.
+//
 // Residual + Linear: `add_bias_residual` makes y = y + h + b in one sweep after PyTorch's product y = x W^T,
 // where `addmm` writes the bias into the output before the product (which then reads it back) and the residual
 // add reads both again into a third tensor.
@@ -35,6 +39,9 @@ inline uint32_t mix(uint32_t x) {
     return x;
 }
 
+// element i's 16-bit draw against the threshold (as timevlm_dropout decides)
+inline bool kept(size_t i, uint32_t key, uint32_t threshold) { return (mix((uint32_t)i ^ key) >> 16) >= threshold; }
+
 }  // namespace
 
 extern "C" {
@@ -44,8 +51,7 @@ void timevlm_dropout(const float* x, float* y, long n, uint32_t key, uint32_t th
                      int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < n; ++i) {
-        const uint32_t draw = mix((uint32_t)i ^ key) >> 16;
-        y[i] = draw >= threshold ? x[i] * scale : 0.f;
+        y[i] = kept(i, key, threshold) ? x[i] * scale : 0.f;
     }
 }
 
@@ -58,6 +64,57 @@ void timevlm_bias_relu(float* y, const float* b, long rows, int cols, int thread
             const float v = r[j] + b[j];
             r[j] = v > 0.f ? v : 0.f;
         }
+    }
+}
+
+// threshold 0 keeps everything (scale 1: no dropout)
+void timevlm_embed_forward(float* __restrict__ y, const float* __restrict__ b, const float* __restrict__ pos,
+                           long rows, int cols, int period, uint32_t key, uint32_t threshold, float scale,
+                           int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; ++i) {
+        float* __restrict__ r = y + (size_t)i * cols;
+        const float* __restrict__ p = pos + (size_t)(i % period) * cols;
+        const size_t base = (size_t)i * cols;
+#pragma omp simd
+        for (int j = 0; j < cols; ++j) r[j] = kept(base + j, key, threshold) ? (r[j] + b[j] + p[j]) * scale : 0.f;
+    }
+}
+
+// gd = the masked, scaled gradient; dpos [period, cols] and db [cols] its sums (float per thread, then double)
+void timevlm_embed_backward(const float* __restrict__ g, float* __restrict__ gd, float* __restrict__ dpos,
+                            float* __restrict__ db, long rows, int cols, int period, uint32_t key, uint32_t threshold,
+                            float scale, int threads) {
+    std::vector<float> partial((size_t)threads * period * cols, 0.f);
+#pragma omp parallel num_threads(threads)
+    {
+        float* __restrict__ acc = partial.data() + (size_t)omp_get_thread_num() * period * cols;
+#pragma omp for schedule(static)
+        for (long i = 0; i < rows; ++i) {
+            const float* __restrict__ gr = g + (size_t)i * cols;
+            float* __restrict__ out = gd + (size_t)i * cols;
+            float* __restrict__ a = acc + (size_t)(i % period) * cols;
+            const size_t base = (size_t)i * cols;
+#pragma omp simd
+            for (int j = 0; j < cols; ++j) {
+                const float v = kept(base + j, key, threshold) ? gr[j] * scale : 0.f;
+                out[j] = v;
+                a[j] += v;
+            }
+        }
+    }
+    for (int j = 0; j < cols; ++j) db[j] = 0.f;
+    for (int k = 0; k < period; ++k) {
+        for (int j = 0; j < cols; ++j) {
+            double s = 0.0;
+            for (int t = 0; t < threads; ++t) s += partial[((size_t)t * period + k) * cols + j];
+            dpos[(size_t)k * cols + j] = (float)s;
+        }
+    }
+    for (int j = 0; j < cols; ++j) {
+        double s = 0.0;
+        for (int k = 0; k < period; ++k) s += dpos[(size_t)k * cols + j];
+        db[j] = (float)s;
     }
 }
 

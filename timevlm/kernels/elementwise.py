@@ -1,6 +1,9 @@
 """`dropout(x, p)`: training-mode dropout in one sweep each way, the mask hashed from a key and each element's
 index (elementwise.cpp) instead of drawn, stored and multiplied; the key comes from torch's generator.
 
+`patch_embedding(patches, linear, pos, p)` = dropout(linear(patches) + pos) (p = 0: no dropout) with bias,
+position and mask in one sweep after the product, and the backward's mask, bias and position sums in one.
+
 `residual_linear(h, x, weight, bias)` = h + F.linear(x, weight, bias) with the bias and the residual added in
 one sweep after the product (no `addmm` bias copy, no separate add).
 
@@ -29,12 +32,24 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None and not hasattr(lib, "_typed"):
         lib.timevlm_bias_relu.argtypes = [_P, _P, _L, _I, _I]
         lib.timevlm_relu_backward_bias.argtypes = [_P, _P, _P, _P, _L, _I, _I]
+        u32, f32 = ctypes.c_uint32, ctypes.c_float
+        lib.timevlm_embed_forward.argtypes = [_P, _P, _P, _L, _I, _I, u32, u32, f32, _I]
+        lib.timevlm_embed_backward.argtypes = [_P, _P, _P, _P, _L, _I, _I, u32, u32, f32, _I]
+        lib.timevlm_embed_forward.restype = lib.timevlm_embed_backward.restype = None
         lib.timevlm_add_bias_residual.argtypes = [_P, _P, _P, _L, _I, _I]
         lib.timevlm_add_bias_residual.restype = None
         lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
         lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
         lib._typed = True
     return lib
+
+
+def _mask(p: float) -> tuple[int, int, float]:
+    """(key, threshold, scale) of a fresh dropout mask: an element is kept when its 16-bit draw >= threshold =
+    round(p * 65536), with probability 1 - p (p rounded to 1/65536). p = 0: (0, 0, 1.0), everything kept."""
+    if p == 0.0:
+        return 0, 0, 1.0
+    return int(torch.randint(2 ** 32, (), dtype=torch.int64)), int(round(p * 65536)), 1.0 / (1.0 - p)
 
 
 def _apply_mask(x: torch.Tensor, key: int, threshold: int, scale: float) -> torch.Tensor:
@@ -47,8 +62,7 @@ def _apply_mask(x: torch.Tensor, key: int, threshold: int, scale: float) -> torc
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        # an element is kept when its 16-bit draw >= round(p * 65536): probability 1 - p (p rounded to 1/65536)
-        ctx.mask = (int(torch.randint(2 ** 32, (), dtype=torch.int64)), int(round(p * 65536)), 1.0 / (1.0 - p))
+        ctx.mask = _mask(p)
         return _apply_mask(x, *ctx.mask)
 
     @staticmethod
@@ -86,6 +100,41 @@ class _LinearReLU(torch.autograd.Function):
         dx = torch.mm(gy, weight).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
         dw = torch.mm(gy.t(), flat) if ctx.needs_input_grad[1] else None
         return dx, dw, db if ctx.needs_input_grad[2] else None
+
+
+class _PatchEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor,
+                p: float) -> torch.Tensor:
+        flat = patches.reshape(-1, patches.shape[-1])
+        y = torch.mm(flat, weight.t())
+        ctx.mask = _mask(p)
+        _library().timevlm_embed_forward(y.data_ptr(), bias.contiguous().data_ptr(), pos.contiguous().data_ptr(),
+                                         y.shape[0], y.shape[1], pos.shape[0], *ctx.mask, torch.get_num_threads())
+        ctx.save_for_backward(flat, weight)
+        ctx.patch_shape = patches.shape
+        return y.view(*patches.shape[:-1], y.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, weight = ctx.saved_tensors
+        g = grad.reshape(flat.shape[0], -1).contiguous()
+        period = ctx.patch_shape[-2]
+        gd, dpos, db = torch.empty_like(g), g.new_empty(period, g.shape[1]), g.new_empty(g.shape[1])
+        _library().timevlm_embed_backward(g.data_ptr(), gd.data_ptr(), dpos.data_ptr(), db.data_ptr(), g.shape[0],
+                                          g.shape[1], period, *ctx.mask, torch.get_num_threads())
+        dpatches = torch.mm(gd, weight).view(ctx.patch_shape) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(gd.t(), flat) if ctx.needs_input_grad[1] else None
+        return dpatches, dw, db, dpos, None
+
+
+def patch_embedding(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> torch.Tensor:
+    """patches [..., P, patch_len] -> dropout(linear(patches) + pos) [..., P, d], pos [P, d], dropout p (0: off)."""
+    if (patches.device.type == "cpu" and patches.dtype == linear.weight.dtype == pos.dtype == torch.float32
+            and linear.bias is not None and 0.0 <= p < 1.0 and patches.numel() // patches.shape[-1] * pos.shape[1] < 2 ** 32
+            and _library() is not None):
+        return _PatchEmbedding.apply(patches, linear.weight, linear.bias, pos, p)
+    return F.dropout(linear(patches) + pos, p, True) if p > 0 else linear(patches) + pos
 
 
 class _ResidualLinear(torch.autograd.Function):
