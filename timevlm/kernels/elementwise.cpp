@@ -13,6 +13,10 @@
 // where `addmm` writes the bias into the output before the product (which then reads it back) and the residual
 // add reads both again into a third tensor.
 //
+// `add_bias_residual_norm` does the same and also writes z = LayerNorm(y) (with its per-row mean and 1/std, as
+// PyTorch's layer_norm saves them for the backward) from the row it has just written, instead of a LayerNorm
+// reading y back from memory.
+//
 // Linear + ReLU:
 // Forward: y = x W^T comes from PyTorch's matrix product (no bias); `bias_relu` then makes y = max(y + b, 0) in
 // place, where `addmm` writes the bias into a fresh [rows, cols] output before the product and `relu` reads it
@@ -21,8 +25,12 @@
 // float over blocks of 8 rows, in double per thread across blocks, and are added in thread order: the same
 // bits for the same thread count. Built by timevlm/kernels/build.py.
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -129,9 +137,37 @@ void timevlm_add_bias_residual(float* __restrict__ y, const float* __restrict__ 
     }
 }
 
+void timevlm_add_bias_residual_norm(float* __restrict__ y, const float* __restrict__ h, const float* __restrict__ b,
+                                    const float* __restrict__ w, const float* __restrict__ beta, float* __restrict__ z,
+                                    float* __restrict__ mean, float* __restrict__ rstd, long rows, int cols, float eps,
+                                    int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; ++i) {
+        float* __restrict__ r = y + (size_t)i * cols;
+        const float* __restrict__ hr = h + (size_t)i * cols;
+        float* __restrict__ zr = z + (size_t)i * cols;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < cols; ++j) {
+            r[j] += hr[j] + b[j];
+            sum += r[j];
+        }
+        const float m = sum / cols;
+        float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+        for (int j = 0; j < cols; ++j) sq += (r[j] - m) * (r[j] - m);
+        const float inv = 1.0f / std::sqrt(sq / cols + eps);
+#pragma omp simd
+        for (int j = 0; j < cols; ++j) zr[j] = (r[j] - m) * inv * w[j] + beta[j];
+        mean[i] = m;
+        rstd[i] = inv;
+    }
+}
+
 void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __restrict__ y, float* __restrict__ gx,
                                 float* __restrict__ db, long rows, int cols, int threads) {
     const long block = 8;  // rows summed in float, then added to the thread's sums in double
+    const bool nt = cols % 16 == 0 && (reinterpret_cast<uintptr_t>(gx) & 63) == 0;
     const long blocks = (rows + block - 1) / block;
     std::vector<double> partial((size_t)threads * cols, 0.0);
 #pragma omp parallel num_threads(threads)
@@ -146,6 +182,17 @@ void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __rest
                 const float* __restrict__ gr = g + (size_t)i * cols;
                 const float* __restrict__ yr = y + (size_t)i * cols;
                 float* __restrict__ out = gx + (size_t)i * cols;
+#if defined(__AVX512F__)
+                if (nt) {  // whole lines straight to memory: the two products read them next
+                    for (int j = 0; j < cols; j += 16) {
+                        const __m512 v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(yr + j), _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                             _mm512_loadu_ps(gr + j));
+                        _mm512_stream_ps(out + j, v);
+                        _mm512_storeu_ps(bs + j, _mm512_add_ps(_mm512_loadu_ps(bs + j), v));
+                    }
+                    continue;
+                }
+#endif
                 for (int j = 0; j < cols; ++j) {
                     const float v = yr[j] > 0.f ? gr[j] : 0.f;
                     out[j] = v;
@@ -154,6 +201,9 @@ void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __rest
             }
             for (int j = 0; j < cols; ++j) acc[j] += bs[j];
         }
+#if defined(__AVX512F__)
+        _mm_sfence();
+#endif
     }
     for (int j = 0; j < cols; ++j) {
         double s = 0.0;

@@ -7,6 +7,9 @@ position and mask in one sweep after the product, and the backward's mask, bias 
 `residual_linear(h, x, weight, bias)` = h + F.linear(x, weight, bias) with the bias and the residual added in
 one sweep after the product (no `addmm` bias copy, no separate add).
 
+`residual_linear_norm(h, x, weight, bias, norm)` = (y, norm(y)) for y = residual_linear(...), the LayerNorm
+computed in the same sweep from the rows just written.
+
 `linear_relu(x, linear)` = relu(linear(x)) with the bias and the ReLU applied in one sweep after the matrix
 product, and the backward's ReLU mask and bias gradient in another (elementwise.cpp), on the CPU in fp32;
 elsewhere it is `F.relu(linear(x))`. The products stay PyTorch's (so FlopCounterMode counts them as before).
@@ -38,6 +41,8 @@ def _library() -> ctypes.CDLL | None:
         lib.timevlm_embed_forward.restype = lib.timevlm_embed_backward.restype = None
         lib.timevlm_add_bias_residual.argtypes = [_P, _P, _P, _L, _I, _I]
         lib.timevlm_add_bias_residual.restype = None
+        lib.timevlm_add_bias_residual_norm.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _L, _I, f32, _I]
+        lib.timevlm_add_bias_residual_norm.restype = None
         lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
         lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
         lib._typed = True
@@ -165,6 +170,54 @@ def residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
             and h.shape[:-1] == x.shape[:-1] and h.shape[-1] == weight.shape[0] and _library() is not None):
         return _ResidualLinear.apply(h, x, weight, bias)
     return h + F.linear(x, weight, bias)
+
+
+class _ResidualLinearNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, x, weight, bias, norm_weight, norm_bias, eps: float):
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, weight.t())
+        res = h.reshape(y.shape).contiguous()
+        z = torch.empty_like(y)
+        mean, rstd = y.new_empty(y.shape[0], 1), y.new_empty(y.shape[0], 1)
+        _library().timevlm_add_bias_residual_norm(
+            y.data_ptr(), res.data_ptr(), bias.contiguous().data_ptr(), norm_weight.contiguous().data_ptr(),
+            norm_bias.contiguous().data_ptr(), z.data_ptr(), mean.data_ptr(), rstd.data_ptr(), y.shape[0],
+            y.shape[1], eps, torch.get_num_threads())
+        ctx.save_for_backward(flat, weight, y, mean, rstd, norm_weight, norm_bias)
+        ctx.x_shape = x.shape
+        return y.view(h.shape), z.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_z):
+        flat, weight, y, mean, rstd, norm_weight, norm_bias = ctx.saved_tensors
+        g = grad_y.reshape(y.shape) if grad_y is not None else None
+        dnw = dnb = None
+        if grad_z is not None:
+            dy, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
+                grad_z.reshape(y.shape).contiguous(), y, [y.shape[1]], mean, rstd, norm_weight, norm_bias,
+                [True, ctx.needs_input_grad[4], ctx.needs_input_grad[5]])
+            g = dy if g is None else g + dy
+        elif g is None:
+            g = torch.zeros_like(y)
+        dx = torch.mm(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[2] else None
+        db = g.sum(0) if ctx.needs_input_grad[3] else None
+        return g.view(ctx.x_shape[:-1] + (y.shape[1],)), dx, dw, db, dnw, dnb, None
+
+
+def residual_linear_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, norm(y)) for y = h + F.linear(x, weight, bias); `norm` a LayerNorm over the last dimension (or any
+    module, then applied as it is)."""
+    if (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+            and h.device.type == "cpu" and h.dtype == x.dtype == weight.dtype == bias.dtype == torch.float32
+            and norm.weight.dtype == torch.float32 and h.shape[:-1] == x.shape[:-1]
+            and h.shape[-1] == weight.shape[0] and tuple(norm.normalized_shape) == (h.shape[-1],)
+            and _library() is not None):
+        return _ResidualLinearNorm.apply(h, x, weight, bias, norm.weight, norm.bias, norm.eps)
+    y = residual_linear(h, x, weight, bias)
+    return y, norm(y)
 
 
 def usable(x: torch.Tensor, linear: nn.Linear) -> bool:

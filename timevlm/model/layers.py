@@ -49,17 +49,16 @@ class Dropout(nn.Dropout):
 
 
 def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor,
-                        residual: torch.Tensor | None = None) -> torch.Tensor:
+                        residual: torch.Tensor | None = None, norm: nn.Module | None = None):
     """[B, Lq, d] attending over [B, Lk, d] with `attn`'s weights (batch_first, no mask) -> [B, Lq, d], plus
-    `residual` [B, Lq, d] if given (added with the output projection's bias, in one sweep on CPU)."""
+    `residual` [B, Lq, d] if given (added with the output projection's bias, in one sweep on CPU); with `norm`
+    too, (that sum, norm(sum)) from the same sweep."""
     w, b, d, h = attn.in_proj_weight, attn.in_proj_bias, query.shape[-1], attn.num_heads
     out_proj = attn.out_proj
     if query is key_value and attention_kernel.usable(query, h):
         # CPU fp32: the kernel adds the projection's bias and reads the packed projection as it is
         out = torch.ops.timevlm.self_attention(torch.matmul(query, w.t()), b, h)[0]
-        if residual is None:
-            return out_proj(out)
-        return elementwise.residual_linear(residual, out, out_proj.weight, out_proj.bias)
+        return _project(out, out_proj, residual, norm)
     if query is key_value:
         q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
     else:
@@ -70,5 +69,12 @@ def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key_va
         return t.unflatten(-1, (h, d // h)).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
-    return out_proj(out) if residual is None else elementwise.residual_linear(residual, out, out_proj.weight,
-                                                                               out_proj.bias)
+    return _project(out, out_proj, residual, norm)
+
+
+def _project(out: torch.Tensor, out_proj: nn.Linear, residual: torch.Tensor | None, norm: nn.Module | None):
+    if residual is None:
+        return out_proj(out)
+    if norm is None:
+        return elementwise.residual_linear(residual, out, out_proj.weight, out_proj.bias)
+    return elementwise.residual_linear_norm(residual, out, out_proj.weight, out_proj.bias, norm)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
-from timevlm.kernels.elementwise import linear_relu, patch_embedding, residual_linear
+from timevlm.kernels.elementwise import linear_relu, patch_embedding, residual_linear, residual_linear_norm
 from timevlm.model.layers import Dropout, multihead_attention
 
 
@@ -64,8 +64,9 @@ class MemoryBank(nn.Module):
         means = sums[hit] / counts[hit]
         self.slots[hit] = self.momentum * self.slots[hit] + (1 - self.momentum) * means
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """out(softmax(query(h) slots^T / sqrt(d)) slots) (+ residual), both projections folded into the M slots:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None):
+        """out(softmax(query(h) slots^T / sqrt(d)) slots) (+ residual; with `norm` too, (that sum, norm(sum)) from
+        one sweep on CPU), both projections folded into the M slots:
         (h Wq^T + bq) slots^T = h (slots Wq)^T + slots bq and (a slots) Wo^T = a (Wo slots^T)^T. The same function
         of the same parameters, but its matrix products are [M, d] x [d, d] instead of [B*P, d] x [d, d]: at
         seq_len 512 this drops two of the step's twelve full-width projections (forward and backward)."""
@@ -77,7 +78,9 @@ class MemoryBank(nn.Module):
         values = self.out.weight @ slots.T
         if residual is None:
             return F.linear(attn, values, self.out.bias)
-        return residual_linear(residual, attn, values, self.out.bias)
+        if norm is None:
+            return residual_linear(residual, attn, values, self.out.bias)
+        return residual_linear_norm(residual, attn, values, self.out.bias, norm)
 
 
 class LocalAttention(nn.Module):
@@ -97,10 +100,15 @@ class LocalAttention(nn.Module):
         self.linear1, self.linear2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(h)
-        h = multihead_attention(self.self_attn, x, x, residual=h)
-        return residual_linear(h, linear_relu(self.norm2(h), self.linear1), self.linear2.weight, self.linear2.bias)
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None, out_norm: nn.Module | None = None):
+        """h [B', P, d] -> the block's output, or out_norm(output) if given. x: norm1(h), if the caller has it
+        (on CPU each residual sum and the LayerNorm after it come from one sweep)."""
+        x = self.norm1(h) if x is None else x
+        h, x = multihead_attention(self.self_attn, x, x, residual=h, norm=self.norm2)
+        hidden, w, b = linear_relu(x, self.linear1), self.linear2.weight, self.linear2.bias
+        if out_norm is None:
+            return residual_linear(h, hidden, w, b)
+        return residual_linear_norm(h, hidden, w, b, out_norm)[1]
 
 
 class RAL(nn.Module):
@@ -127,11 +135,12 @@ class RAL(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, l, n = x.shape
         h = self.embed(x.permute(0, 2, 1).reshape(b * n, l))
-        if self.memory_gate is None:
-            h = self.memory(h, residual=h)  # global memory: h + the retrieved prototypes
+        x = None
+        if self.memory_gate is None:  # global memory: h + the retrieved prototypes, and the local block's norm1
+            h, x = self.memory(h, residual=h, norm=self.local.norm1)
         else:
             retrieved = self.memory(h)
             h = h + torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
-        h = self.norm(self.local(h))  # local memory: self-attention over this window's patches
+        h = self.local(h, x, out_norm=self.norm)  # local memory: self-attention over this window's patches
         forecast = self.head(h).reshape(b, n, -1)
         return forecast, h.mean(1).reshape(b, n, -1)
