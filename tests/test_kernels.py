@@ -2,6 +2,9 @@
 gradients, odd sizes included), is counted as the same FLOPs, and its build falls back cleanly."""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import warnings
 
 import pytest
@@ -9,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from timevlm.kernels import attention, build, elementwise
+from timevlm.kernels import attention, build, elementwise, memory
 
 
 def _reference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -123,6 +126,29 @@ def test_residual_linear_matches_the_sum_values_and_gradients():
 
 
 @needs_kernel
+def test_residual_linear_norm_matches_the_sum_and_its_layer_norm():
+    torch.manual_seed(6)
+    lin, ln = torch.nn.Linear(24, 40), torch.nn.LayerNorm(40)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    x, h = torch.randn(3, 11, 24, requires_grad=True), torch.randn(3, 11, 40, requires_grad=True)
+    leaves = (x, h, lin.weight, lin.bias, ln.weight, ln.bias)
+    results = []
+    for fn in (lambda: elementwise.residual_linear_norm(h, x, lin.weight, lin.bias, ln),
+               lambda: (lambda y: (y, ln(y)))(h + lin(x))):
+        for t in leaves:
+            t.grad = None
+        y, z = fn()
+        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + z.square().sum() / 2).backward()
+        results.append([y.detach(), z.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    y, z = elementwise.residual_linear_norm(h, x, lin.weight, lin.bias, torch.nn.Identity())  # any other norm
+    torch.testing.assert_close(z, h + lin(x))
+
+
+@needs_kernel
 def test_hashed_dropout_masks_are_independent_of_each_other_and_of_position():
     torch.manual_seed(5)
     a, b = (elementwise.dropout(torch.ones(256, 1024), 0.5) > 0 for _ in range(2))
@@ -131,6 +157,29 @@ def test_hashed_dropout_masks_are_independent_of_each_other_and_of_position():
     rows, cols = a.float().mean(1), a.float().mean(0)  # no structure along either axis
     assert rows.std().item() < 0.05 and cols.std().item() < 0.05
     assert (a[:, 1:] == a[:, :-1]).float().mean().item() == pytest.approx(0.5, abs=4e-3)  # neighbours independent
+
+
+def test_kernels_build_wherever_a_compiler_is_found():
+    # the kernel tests skip on machines without a compiler; where there is one, a failed build is a failure
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    for name in ("attention", "elementwise"):
+        assert build.compile_library(name).exists()
+        assert build.load(name) is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_faulting_pages_in_again():
+    import resource
+
+    assert memory.keep_freed_memory()
+    faults = []
+    for _ in range(6):  # a step's pattern: the same large tensors allocated and freed again and again
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a, b = torch.ones(12 * 2 ** 20), torch.ones(4 * 2 ** 20)  # 48 + 16 MB: 16,384 pages
+        del a, b
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert sum(faults[-2:]) < 1000, faults  # glibc's defaults: ~16,000 each time (mmap'ed afresh)
 
 
 def test_build_without_a_compiler_says_why_once_and_falls_back(monkeypatch, tmp_path, caplog):

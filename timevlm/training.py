@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from timevlm.config import TrainConfig, resolve_ema_decay
 from timevlm.data.windows import SplitData, make_loader
+from timevlm.kernels.build import enabled as kernels_enabled
+from timevlm.kernels.memory import keep_freed_memory
 from timevlm.features import SplitFeatures
 from timevlm.metrics import mae, mse
 
@@ -245,6 +247,8 @@ class TrainStep:
         self.ema = _weight_average(self.inner, cfg.ema_decay)
         self.amp = cfg.amp and device.type == "cuda"
         self.device, self.grad_clip = device, cfg.grad_clip
+        if device.type == "cpu" and kernels_enabled():
+            keep_freed_memory()  # the step's activations reuse their pages instead of faulting fresh ones in
 
     def loss(self, x: torch.Tensor, feats: Any, y: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.amp):

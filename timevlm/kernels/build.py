@@ -7,7 +7,8 @@ the CPU's feature flags, so a cache shared by unlike nodes never hands one a bin
 racing on one key each write their own file and rename it into place. The OpenMP runtime the library asks
 for is the one PyTorch has already loaded (same soname), so the kernels and PyTorch share one thread pool.
 
-$TIMEVLM_CPU_KERNELS=0 turns the kernels off (PyTorch's own paths run instead); $TIMEVLM_KERNEL_CACHE moves the
+$TIMEVLM_CPU_KERNELS=0 turns the kernels off (PyTorch's own paths run instead, and the training step leaves
+glibc's allocator settings alone, see memory.py); $TIMEVLM_KERNEL_CACHE moves the
 cache (default ~/.cache/timevlm/kernels). A machine without a compiler, or a failed build, falls back to
 PyTorch and says why once per process: a log record at INFO level (a speed matter, not worth a console line
 in every Ray worker), or a RuntimeWarning where $TIMEVLM_CPU_KERNELS=1 asked for the kernels explicitly.
