@@ -319,8 +319,10 @@ def plan_prompt_weather() -> list[Run]:
 
 
 def plan_kernel_check() -> list[Run]:
-    """After the CPU self-attention kernel (session 10; same function, other rounding): Time-VLM's defaults at
-    ETTh1 96->96 and 512->96, seeds 2021/2022, the rows runs_cpu_s9_prompt.csv holds for PyTorch's attention."""
+    """After the CPU kernels (session 10; the same functions with other rounding, and dropout masks hashed instead
+    of drawn: other masks): Time-VLM's defaults at ETTh1 96->96 and 512->96, seeds 2021/2022, the rows
+    runs_cpu_s9_prompt.csv holds for PyTorch's own operators. (The variant keeps its first name, "attention
+    kernel", for every run of the plan.)"""
     ema = {"ema_decay": 0.999}
     return [Run("ETTh1", seq_len, 96, f"Time-VLM [EMA 0.999] attention kernel", s, {**_model("timevlm"), "train": ema})
             for seq_len in (96, 512) for s in SEEDS]

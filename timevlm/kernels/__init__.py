@@ -1,2 +1,3 @@
-"""Hand-written CPU kernels for the passes PyTorch's eager operators cannot fuse (see build.py for how they
-are built and turned off). Each has a PyTorch fallback that computes the same function."""
+"""Hand-written CPU kernels for the passes PyTorch's eager operators cannot fuse, and the allocator setting the
+CPU step wants (memory.py). build.py says how they are built, cached and turned off; each has a PyTorch
+fallback that computes the same function (tests/test_kernels.py)."""

@@ -17,6 +17,10 @@
 // PyTorch's layer_norm saves them for the backward) from the row it has just written, instead of a LayerNorm
 // reading y back from memory.
 //
+// `norm_backward` is that LayerNorm's backward with the residual stream's own gradient added in the same sweep
+// (PyTorch: native_layer_norm_backward, then an add): dy = gy + rstd * (gz*w - mean(gz*w) - xhat * mean(gz*w *
+// xhat)) per row, and the weight and bias gradients summed per thread (float over 8 rows, double beyond).
+//
 // Linear + ReLU:
 // Forward: y = x W^T comes from PyTorch's matrix product (no bias); `bias_relu` then makes y = max(y + b, 0) in
 // place, where `addmm` writes the bias into a fresh [rows, cols] output before the product and `relu` reads it
@@ -161,6 +165,67 @@ void timevlm_add_bias_residual_norm(float* __restrict__ y, const float* __restri
         for (int j = 0; j < cols; ++j) zr[j] = (r[j] - m) * inv * w[j] + beta[j];
         mean[i] = m;
         rstd[i] = inv;
+    }
+}
+
+void timevlm_norm_backward(const float* __restrict__ gz, const float* __restrict__ gy, const float* __restrict__ y,
+                           const float* __restrict__ mean, const float* __restrict__ rstd,
+                           const float* __restrict__ w, float* __restrict__ dy, float* __restrict__ dw,
+                           float* __restrict__ db, long rows, int cols, int threads) {
+    const long block = 8;
+    const long blocks = (rows + block - 1) / block;
+    std::vector<double> partial((size_t)threads * 2 * cols, 0.0);
+#pragma omp parallel num_threads(threads)
+    {
+        double* __restrict__ acc = partial.data() + (size_t)omp_get_thread_num() * 2 * cols;
+        std::vector<float> scratch(3 * (size_t)cols);
+        float* __restrict__ sw = scratch.data();
+        float* __restrict__ sb = sw + cols;
+        float* __restrict__ xh = sb + cols;
+#pragma omp for schedule(static)
+        for (long k = 0; k < blocks; ++k) {
+            for (int j = 0; j < cols; ++j) sw[j] = sb[j] = 0.f;
+            for (long i = k * block; i < std::min(rows, (k + 1) * block); ++i) {
+                const float* __restrict__ g = gz + (size_t)i * cols;
+                const float* __restrict__ yr = y + (size_t)i * cols;
+                const float m = mean[i], r = rstd[i];
+                float a = 0.f, c = 0.f;
+#pragma omp simd reduction(+ : a, c)
+                for (int j = 0; j < cols; ++j) {
+                    const float x = (yr[j] - m) * r;
+                    const float gw = g[j] * w[j];
+                    xh[j] = x;
+                    a += gw;
+                    c += gw * x;
+                    sw[j] += g[j] * x;
+                    sb[j] += g[j];
+                }
+                a /= cols;
+                c /= cols;
+                float* __restrict__ out = dy + (size_t)i * cols;
+                if (gy != nullptr) {
+                    const float* __restrict__ gr = gy + (size_t)i * cols;
+#pragma omp simd
+                    for (int j = 0; j < cols; ++j) out[j] = gr[j] + r * (g[j] * w[j] - a - xh[j] * c);
+                } else {
+#pragma omp simd
+                    for (int j = 0; j < cols; ++j) out[j] = r * (g[j] * w[j] - a - xh[j] * c);
+                }
+            }
+            for (int j = 0; j < cols; ++j) {
+                acc[j] += sw[j];
+                acc[cols + j] += sb[j];
+            }
+        }
+    }
+    for (int j = 0; j < cols; ++j) {
+        double sw = 0.0, sb = 0.0;
+        for (int t = 0; t < threads; ++t) {
+            sw += partial[(size_t)t * 2 * cols + j];
+            sb += partial[(size_t)t * 2 * cols + cols + j];
+        }
+        dw[j] = (float)sw;
+        db[j] = (float)sb;
     }
 }
 

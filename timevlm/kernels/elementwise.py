@@ -1,21 +1,20 @@
-"""`dropout(x, p)`: training-mode dropout in one sweep each way, the mask hashed from a key and each element's
-index (elementwise.cpp) instead of drawn, stored and multiplied; the key comes from torch's generator.
+"""The elementwise passes around the step's matrix products, one sweep over memory each (elementwise.cpp), on
+the CPU in fp32; each function falls back to the PyTorch expression it stands for elsewhere (other devices,
+dtypes, or no compiler). The products stay PyTorch's, so FlopCounterMode counts them as before. On a
+seq_len-512 step the tensors are 7-22 MB and each sweep over one costs ~0.3-1.5 ms on our 2 cores, most of it
+waiting on memory: what these save is sweeps.
 
-`patch_embedding(patches, linear, pos, p)` = dropout(linear(patches) + pos) (p = 0: no dropout) with bias,
-position and mask in one sweep after the product, and the backward's mask, bias and position sums in one.
-
-`residual_linear(h, x, weight, bias)` = h + F.linear(x, weight, bias) with the bias and the residual added in
-one sweep after the product (no `addmm` bias copy, no separate add).
-
-`residual_linear_norm(h, x, weight, bias, norm)` = (y, norm(y)) for y = residual_linear(...), the LayerNorm
-computed in the same sweep from the rows just written.
-
-`linear_relu(x, linear)` = relu(linear(x)) with the bias and the ReLU applied in one sweep after the matrix
-product, and the backward's ReLU mask and bias gradient in another (elementwise.cpp), on the CPU in fp32;
-elsewhere it is `F.relu(linear(x))`. The products stay PyTorch's (so FlopCounterMode counts them as before).
-
-On the feed-forward layer of the seq_len-512 step ([14336, 128] -> [14336, 256]) it replaces `addmm`'s bias
-copy, `relu`, `threshold_backward` and the bias gradient's `sum`: four sweeps over 14.7 MB by two.
+- `dropout(x, p)`: training-mode dropout, the mask hashed from a key (from torch's generator) and each
+  element's index inside the sweep that applies it, forward and backward alike: nothing drawn, stored or
+  multiplied separately.
+- `patch_embedding(patches, linear, pos, p)` = dropout(linear(patches) + pos) (p = 0: no dropout): bias,
+  position and mask in one sweep after the product; backward: mask, bias and position sums in one.
+- `residual_linear(h, x, weight, bias)` = h + F.linear(x, weight, bias): bias and residual added in one sweep
+  after the product (no `addmm` bias copy for the product to read back, no separate add).
+- `residual_linear_norm(h, x, weight, bias, norm)` = (y, norm(y)) for that y: the LayerNorm computed from the
+  rows just written; backward: the norm's gradient with the residual stream's added in one sweep.
+- `linear_relu(x, linear)` = relu(linear(x)): bias and ReLU in one in-place sweep; backward: the ReLU mask
+  and the bias gradient in one (on the feed-forward layer: four sweeps over 14.7 MB by two).
 """
 from __future__ import annotations
 
@@ -43,6 +42,8 @@ def _library() -> ctypes.CDLL | None:
         lib.timevlm_add_bias_residual.restype = None
         lib.timevlm_add_bias_residual_norm.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _L, _I, f32, _I]
         lib.timevlm_add_bias_residual_norm.restype = None
+        lib.timevlm_norm_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I, _I]
+        lib.timevlm_norm_backward.restype = None
         lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
         lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
         lib._typed = True
@@ -191,15 +192,17 @@ class _ResidualLinearNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_z):
         flat, weight, y, mean, rstd, norm_weight, norm_bias = ctx.saved_tensors
-        g = grad_y.reshape(y.shape) if grad_y is not None else None
+        gy = grad_y.reshape(y.shape).contiguous() if grad_y is not None else None
         dnw = dnb = None
-        if grad_z is not None:
-            dy, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
-                grad_z.reshape(y.shape).contiguous(), y, [y.shape[1]], mean, rstd, norm_weight, norm_bias,
-                [True, ctx.needs_input_grad[4], ctx.needs_input_grad[5]])
-            g = dy if g is None else g + dy
-        elif g is None:
-            g = torch.zeros_like(y)
+        if grad_z is not None:  # the norm's backward with the residual stream's gradient added in one sweep
+            gz = grad_z.reshape(y.shape).contiguous()
+            g, dnw, dnb = torch.empty_like(y), torch.empty_like(norm_weight), torch.empty_like(norm_weight)
+            _library().timevlm_norm_backward(gz.data_ptr(), gy.data_ptr() if gy is not None else None, y.data_ptr(),
+                                             mean.data_ptr(), rstd.data_ptr(), norm_weight.contiguous().data_ptr(),
+                                             g.data_ptr(), dnw.data_ptr(), dnb.data_ptr(), y.shape[0], y.shape[1],
+                                             torch.get_num_threads())
+        else:
+            g = gy if gy is not None else torch.zeros_like(y)
         dx = torch.mm(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
         dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[2] else None
         db = g.sum(0) if ctx.needs_input_grad[3] else None
