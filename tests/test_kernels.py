@@ -149,6 +149,27 @@ def test_residual_linear_norm_matches_the_sum_and_its_layer_norm():
 
 
 @needs_kernel
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_patch_embedding_matches_projection_plus_position_under_its_mask(p):
+    torch.manual_seed(7)
+    lin, pos = torch.nn.Linear(16, 32), torch.nn.Parameter(torch.randn(12, 32))
+    x = torch.randn(10, 200, requires_grad=True)
+    patches = x.unfold(-1, 16, 16)  # [10, 12, 16], a strided view as in PatchEmbedding
+    assert elementwise.patch_embedding_usable(patches, lin, pos, p)
+    y = elementwise.patch_embedding(patches, lin, pos, p)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    got = [y.detach(), x.grad, lin.weight.grad, lin.bias.grad, pos.grad]
+    kept = (y.detach() != 0).float()
+    assert kept.mean().item() == pytest.approx(1 - p, abs=0.03)
+    x.grad = lin.weight.grad = lin.bias.grad = pos.grad = None
+    ref = (lin(patches) + pos) * kept / (1 - p)  # the same mask: its backward must have applied it too
+    ref.backward(grad)
+    for a, b in zip(got, [ref.detach(), x.grad, lin.weight.grad, lin.bias.grad, pos.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_hashed_dropout_masks_are_independent_of_each_other_and_of_position():
     torch.manual_seed(5)
     a, b = (elementwise.dropout(torch.ones(256, 1024), 0.5) > 0 for _ in range(2))

@@ -134,13 +134,16 @@ class _PatchEmbedding(torch.autograd.Function):
         return dpatches, dw, db, dpos, None
 
 
+def patch_embedding_usable(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> bool:
+    return (patches.device.type == "cpu" and patches.dtype == linear.weight.dtype == pos.dtype == torch.float32
+            and linear.bias is not None and 0.0 <= p < 1.0
+            and patches.numel() // patches.shape[-1] * pos.shape[1] < 2 ** 32 and _library() is not None)
+
+
 def patch_embedding(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> torch.Tensor:
-    """patches [..., P, patch_len] -> dropout(linear(patches) + pos) [..., P, d], pos [P, d], dropout p (0: off)."""
-    if (patches.device.type == "cpu" and patches.dtype == linear.weight.dtype == pos.dtype == torch.float32
-            and linear.bias is not None and 0.0 <= p < 1.0 and patches.numel() // patches.shape[-1] * pos.shape[1] < 2 ** 32
-            and _library() is not None):
-        return _PatchEmbedding.apply(patches, linear.weight, linear.bias, pos, p)
-    return F.dropout(linear(patches) + pos, p, True) if p > 0 else linear(patches) + pos
+    """patches [..., P, patch_len] -> dropout(linear(patches) + pos) [..., P, d], pos [P, d], dropout p (0: off);
+    see patch_embedding_usable (the caller keeps its own dropout for the other cases)."""
+    return _PatchEmbedding.apply(patches, linear.weight, linear.bias, pos, p)
 
 
 class _ResidualLinear(torch.autograd.Function):
