@@ -94,7 +94,7 @@ def test_linear_relu_matches_relu_of_linear_values_and_gradients(shape):
     torch.manual_seed(2)
     lin = torch.nn.Linear(shape[-1], 48)
     x = torch.randn(*shape, requires_grad=True)
-    assert elementwise.usable(x, lin)
+    assert elementwise.linear_relu_usable(x, lin)
     grads = []
     for fn in (lambda t: elementwise.linear_relu(t, lin), lambda t: F.relu(lin(t))):
         x.grad = lin.weight.grad = lin.bias.grad = None
@@ -225,13 +225,13 @@ def test_time_vlm_computes_the_same_with_and_without_the_kernels(monkeypatch):
     results = []
     for kernels in ("1", "0"):
         monkeypatch.setenv(build.ENABLE_ENV, kernels)
-        build.load.cache_clear()
+        build.forget()
         model.zero_grad()
         model.ral.memory.slots.copy_(slots)  # each pass moves the slots: both start from the same ones
         out = model(x, feats)
         torch.nn.functional.mse_loss(out, y).backward()
         results.append([out.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
-    build.load.cache_clear()
+    build.forget()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -239,7 +239,7 @@ def test_time_vlm_computes_the_same_with_and_without_the_kernels(monkeypatch):
 def test_build_without_a_compiler_says_why_once_and_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
-    build.load.cache_clear()
+    build.forget()
     try:
         with caplog.at_level("INFO", logger="timevlm.kernels.build"), warnings.catch_warnings():
             warnings.simplefilter("error")  # by default no console warning, only a log record
@@ -249,21 +249,21 @@ def test_build_without_a_compiler_says_why_once_and_falls_back(monkeypatch, tmp_
             "timevlm: the C++ kernel 'attention' is unavailable, PyTorch's own path runs instead: "
             "Command '['/bin/false', '--version']' returned non-zero exit status 1."]
         assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-        build.load.cache_clear()
+        build.forget()
         monkeypatch.setenv(build.ENABLE_ENV, "1")  # asked for explicitly: a warning
         with pytest.warns(RuntimeWarning, match="PyTorch's own path runs instead"):
             assert build.load("attention") is None
         assert not attention.usable(torch.zeros(1, 1, 3), 1)
     finally:
-        build.load.cache_clear()
+        build.forget()
 
 
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(build.ENABLE_ENV, "0")
-    build.load.cache_clear()
+    build.forget()
     try:
         assert not attention.usable(torch.zeros(1, 1, 3), 1)
-        assert not elementwise.usable(torch.zeros(2, 4), torch.nn.Linear(4, 4))
+        assert not elementwise.linear_relu_usable(torch.zeros(2, 4), torch.nn.Linear(4, 4))
         from timevlm.model.layers import multihead_attention
 
         from timevlm.model.layers import Dropout
@@ -275,7 +275,7 @@ def test_kernels_can_be_turned_off(monkeypatch):
         assert (y > 0).float().mean().item() == pytest.approx(0.75, abs=4e-3)
         assert torch.unique(y).tolist() == [0.0, pytest.approx(4 / 3)]
     finally:
-        build.load.cache_clear()
+        build.forget()
 
 
 @needs_kernel

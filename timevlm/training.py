@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from timevlm.config import TrainConfig, resolve_ema_decay
 from timevlm.data.windows import SplitData, make_loader
+from timevlm.features import SplitFeatures
 from timevlm.kernels.build import enabled as kernels_enabled
 from timevlm.kernels.memory import keep_freed_memory
-from timevlm.features import SplitFeatures
 from timevlm.metrics import mae, mse
 
 

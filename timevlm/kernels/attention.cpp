@@ -123,7 +123,6 @@ inline void copy(int n, const float* src, float* dst) {
     for (int k = 0; k < n; ++k) dst[k] = src[k];
 }
 
-
 inline void copy_scaled(int n, const float* src, float s, float* dst) {
     for (int k = 0; k < n; ++k) dst[k] = src[k] * s;
 }
@@ -172,6 +171,19 @@ struct Shape {
           Dp(round_up(D_, 16)), scale(1.0f / std::sqrt((float)D_)) {}
 };
 
+// Sequence b, head h: Q (bias added, scaled by 1/sqrt(D)), K and V (bias added) from the packed projection into
+// [Lc x Dp] buffers (rows from L on, columns from D on, stay as they are: zero)
+inline void pack(const Shape& s, const float* qkv, const float* bias, int b, int h, float* Q, float* K, float* V) {
+    const float* src = qkv + (size_t)b * s.L * s.row + (size_t)h * s.D;
+    const float *bq = bias + (size_t)h * s.D, *bk = bq + s.d, *bv = bk + s.d;
+    for (int i = 0; i < s.L; ++i) {
+        const float* r = src + (size_t)i * s.row;
+        add_bias(s.D, r, bq, s.scale, Q + (size_t)i * s.Dp);
+        add_bias(s.D, r + s.d, bk, 1.f, K + (size_t)i * s.Dp);
+        add_bias(s.D, r + 2 * s.d, bv, 1.f, V + (size_t)i * s.Dp);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -192,14 +204,7 @@ void timevlm_attention_forward(const float* qkv, const float* bias, float* out, 
         for (int b = 0; b < B; ++b) {
           for (int h = 0; h < H; ++h) {
             const int t = b * H + h;
-            const float* src = qkv + (size_t)b * L * s.row + (size_t)h * D;
-            const float *bq = bias + (size_t)h * D, *bk = bq + s.d, *bv = bk + s.d;
-            for (int i = 0; i < L; ++i) {
-                const float* r = src + (size_t)i * s.row;
-                add_bias(D, r, bq, s.scale, Q + (size_t)i * s.Dp);
-                add_bias(D, r + s.d, bk, 1.f, Ks + (size_t)i * s.Dp);
-                add_bias(D, r + 2 * s.d, bv, 1.f, V + (size_t)i * s.Dp);
-            }
+            pack(s, qkv, bias, b, h, Q, Ks, V);
             transpose(s.Lc, s.Dp, Ks, s.Dp, Kt, s.Lc);
             gemm<false>(s.Lr, s.Lc, s.Dp, Q, s.Dp, Kt, s.Lc, S, s.Lc);
             float* row_lse = lse + (size_t)t * L;
@@ -246,18 +251,13 @@ void timevlm_attention_backward(const float* dout, const float* qkv, const float
         for (int b = 0; b < B; ++b) {
           for (int h = 0; h < H; ++h) {
             const int t = b * H + h;
-            const float* src = qkv + (size_t)b * L * s.row + (size_t)h * D;
             const float* go = dout + (size_t)b * L * s.d + (size_t)h * D;
             const float* o = out + (size_t)b * L * s.d + (size_t)h * D;
             float* dst = dqkv + (size_t)b * L * s.row + (size_t)h * D;
             const float* row_lse = lse + (size_t)t * L;
-            const float *bq = bias + (size_t)h * D, *bk = bq + s.d, *bv = bk + s.d;
             double *dbq = db + (size_t)h * D, *dbk = dbq + s.d, *dbv = dbk + s.d;
+            pack(s, qkv, bias, b, h, Q, K, Vs);
             for (int i = 0; i < L; ++i) {
-                const float* r = src + (size_t)i * s.row;
-                add_bias(D, r, bq, s.scale, Q + (size_t)i * s.Dp);
-                add_bias(D, r + s.d, bk, 1.f, K + (size_t)i * s.Dp);
-                add_bias(D, r + 2 * s.d, bv, 1.f, Vs + (size_t)i * s.Dp);
                 const float* g = go + (size_t)i * s.d;
                 const float* oi = o + (size_t)i * s.d;
                 copy(D, g, dO + (size_t)i * s.Dp);

@@ -1,12 +1,13 @@
 """`timevlm::self_attention`: multi-head self-attention straight from a packed [B, L, 3*H*D] projection (before
-its bias, which the kernel adds), on the CPU in fp32, by the kernel in attention.cpp; a PyTorch custom operator with its own backward, so autograd,
-`torch.compile` (an opaque call) and `FlopCounterMode` (same count as the fused SDPA kernel) all see it.
+its bias, which the kernel adds), on the CPU in fp32, by the kernel in attention.cpp; a PyTorch custom operator
+with its own backward, so autograd, `torch.compile` (an opaque call) and `FlopCounterMode` (same count as the
+fused SDPA kernel) all see it.
 
 On the step it was written for (ETTh1, seq_len 512: 224 sequences of 64 patches, 4 heads of 32) it replaces
-PyTorch's fused CPU attention, the split of the projection into heads and, in the backward, the zero-filled
-gradients and their concatenation: 14.7 against 19.5 ms forward and backward on two threads, 29.5 against
-36.8 on one (benchmarks/step_speed.py shows what that does to the whole step). Results agree with
-`F.scaled_dot_product_attention` to fp32 rounding (tests/test_layers.py).
+PyTorch's fused CPU attention, the split of the projection into heads, the projection's bias copy and, in the
+backward, the zero-filled gradients, their concatenation and the bias-gradient sum: 3.9 + 6.7 against 19.5 ms
+forward and backward alone on two threads (reports/speed/README.md shows what that does to the whole step).
+Values and gradients agree with `F.scaled_dot_product_attention` to fp32 rounding (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -18,16 +19,12 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_c
 from timevlm.kernels import build
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {"timevlm_attention_forward": [_P, _P, _P, _P, _I, _I, _I, _I, _I],
+               "timevlm_attention_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]}
 
 
 def _library() -> ctypes.CDLL | None:
-    lib = build.load("attention")
-    if lib is not None and not hasattr(lib, "_typed"):
-        lib.timevlm_attention_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
-        lib.timevlm_attention_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
-        lib.timevlm_attention_forward.restype = lib.timevlm_attention_backward.restype = None
-        lib._typed = True
-    return lib
+    return build.load("attention", _SIGNATURES)
 
 
 def usable(x: torch.Tensor, heads: int) -> bool:
@@ -36,8 +33,9 @@ def usable(x: torch.Tensor, heads: int) -> bool:
             and _library() is not None)
 
 
-def _dims(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
-    b, length, width = qkv.shape
+def _dims(qkv_shape, heads: int) -> tuple[int, int, int, int]:
+    """[B, L, 3*H*D] -> (B, L, H*D, D)."""
+    b, length, width = qkv_shape
     return b, length, width // 3, width // 3 // heads
 
 
@@ -46,7 +44,7 @@ def self_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[t
     """qkv [B, L, 3*H*D] (queries, keys, values side by side, heads within each; without the bias) and
     bias [3*H*D] -> (out [B, L, H*D], log-sum-exp of each query's scores [B, H, L], kept for the backward)."""
     qkv, bias = qkv.contiguous(), bias.contiguous()
-    b, length, d, head_dim = _dims(qkv, heads)
+    b, length, d, head_dim = _dims(qkv.shape, heads)
     out, lse = qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
     _library().timevlm_attention_forward(qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), lse.data_ptr(), b,
                                          length, heads, head_dim, torch.get_num_threads())
@@ -55,7 +53,7 @@ def self_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[t
 
 @self_attention.register_fake
 def _(qkv: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, length, d, _ = _dims(qkv, heads)
+    b, length, d, _ = _dims(qkv.shape, heads)
     return qkv.new_empty(b, length, d), qkv.new_empty(b, heads, length)
 
 
@@ -64,7 +62,7 @@ def self_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.T
                             lse: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of self_attention's `out` -> the gradients of its qkv [B, L, 3*H*D] and bias [3*H*D]."""
     grad, qkv, bias = grad.contiguous(), qkv.contiguous(), bias.contiguous()
-    b, length, _, head_dim = _dims(qkv, heads)
+    b, length, _, head_dim = _dims(qkv.shape, heads)
     dqkv, dbias = torch.empty_like(qkv), torch.empty_like(bias)
     _library().timevlm_attention_backward(grad.data_ptr(), qkv.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                           lse.data_ptr(), dqkv.data_ptr(), dbias.data_ptr(), b, length, heads,
@@ -96,8 +94,8 @@ self_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _head_shape(qkv_shape, heads: int) -> tuple[int, int, int, int]:
-    b, length, width = qkv_shape
-    return b, heads, length, width // 3 // heads
+    b, length, _, head_dim = _dims(qkv_shape, heads)
+    return b, heads, length, head_dim
 
 
 @register_flop_formula(torch.ops.timevlm.self_attention)

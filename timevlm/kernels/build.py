@@ -80,9 +80,24 @@ def compile_library(name: str) -> Path:
     return target
 
 
+def load(name: str, signatures: dict[str, list] | None = None) -> ctypes.CDLL | None:
+    """The compiled library with its functions' argument types set from `signatures` (all return void), or None
+    (kernels off, or no build possible: said once)."""
+    lib = _load(name)
+    if lib is not None and signatures and not getattr(lib, "_typed", False):
+        for function, argtypes in signatures.items():
+            getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, None
+        lib._typed = True
+    return lib
+
+
+def forget() -> None:
+    """Drop the loaded libraries, so the next load reads $TIMEVLM_CPU_KERNELS and the cache again (tests)."""
+    _load.cache_clear()
+
+
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library, or None (kernels off, or no build possible: warned once)."""
+def _load(name: str) -> ctypes.CDLL | None:
     if not enabled():
         return None
     try:

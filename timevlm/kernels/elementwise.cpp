@@ -54,6 +54,17 @@ inline uint32_t mix(uint32_t x) {
 // element i's 16-bit draw against the threshold (as timevlm_dropout decides)
 inline bool kept(size_t i, uint32_t key, uint32_t threshold) { return (mix((uint32_t)i ^ key) >> 16) >= threshold; }
 
+// out[j] = sum over threads t of partial[t * stride + j], j < n, added in thread order (the same bits for the
+// same thread count)
+template <typename T>
+void sum_threads(const T* partial, int threads, size_t stride, size_t n, float* out) {
+    for (size_t j = 0; j < n; ++j) {
+        double s = 0.0;
+        for (int t = 0; t < threads; ++t) s += partial[(size_t)t * stride + j];
+        out[j] = (float)s;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -115,14 +126,7 @@ void timevlm_embed_backward(const float* __restrict__ g, float* __restrict__ gd,
             }
         }
     }
-    for (int j = 0; j < cols; ++j) db[j] = 0.f;
-    for (int k = 0; k < period; ++k) {
-        for (int j = 0; j < cols; ++j) {
-            double s = 0.0;
-            for (int t = 0; t < threads; ++t) s += partial[((size_t)t * period + k) * cols + j];
-            dpos[(size_t)k * cols + j] = (float)s;
-        }
-    }
+    sum_threads(partial.data(), threads, (size_t)period * cols, (size_t)period * cols, dpos);
     for (int j = 0; j < cols; ++j) {
         double s = 0.0;
         for (int k = 0; k < period; ++k) s += dpos[(size_t)k * cols + j];
@@ -218,15 +222,8 @@ void timevlm_norm_backward(const float* __restrict__ gz, const float* __restrict
             }
         }
     }
-    for (int j = 0; j < cols; ++j) {
-        double sw = 0.0, sb = 0.0;
-        for (int t = 0; t < threads; ++t) {
-            sw += partial[(size_t)t * 2 * cols + j];
-            sb += partial[(size_t)t * 2 * cols + cols + j];
-        }
-        dw[j] = (float)sw;
-        db[j] = (float)sb;
-    }
+    sum_threads(partial.data(), threads, 2 * (size_t)cols, cols, dw);
+    sum_threads(partial.data() + cols, threads, 2 * (size_t)cols, cols, db);
 }
 
 void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __restrict__ y, float* __restrict__ gx,
@@ -270,11 +267,7 @@ void timevlm_relu_backward_bias(const float* __restrict__ g, const float* __rest
         _mm_sfence();
 #endif
     }
-    for (int j = 0; j < cols; ++j) {
-        double s = 0.0;
-        for (int t = 0; t < threads; ++t) s += partial[(size_t)t * cols + j];
-        db[j] = (float)s;
-    }
+    sum_threads(partial.data(), threads, cols, cols, db);
 }
 
 }  // extern "C"

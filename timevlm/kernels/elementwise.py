@@ -26,28 +26,41 @@ from torch import nn
 
 from timevlm.kernels import build
 
-_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+_P, _I, _L, _U32, _F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_uint32, ctypes.c_float
+_SIGNATURES = {  # argument types of elementwise.cpp's functions (all return void)
+    "timevlm_dropout": [_P, _P, _L, _U32, _U32, _F32, _I],
+    "timevlm_bias_relu": [_P, _P, _L, _I, _I],
+    "timevlm_relu_backward_bias": [_P, _P, _P, _P, _L, _I, _I],
+    "timevlm_embed_forward": [_P, _P, _P, _L, _I, _I, _U32, _U32, _F32, _I],
+    "timevlm_embed_backward": [_P, _P, _P, _P, _L, _I, _I, _U32, _U32, _F32, _I],
+    "timevlm_add_bias_residual": [_P, _P, _P, _L, _I, _I],
+    "timevlm_add_bias_residual_norm": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _I, _F32, _I],
+    "timevlm_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I, _I],
+}
 
 
 def _library() -> ctypes.CDLL | None:
-    lib = build.load("elementwise")
-    if lib is not None and not hasattr(lib, "_typed"):
-        lib.timevlm_bias_relu.argtypes = [_P, _P, _L, _I, _I]
-        lib.timevlm_relu_backward_bias.argtypes = [_P, _P, _P, _P, _L, _I, _I]
-        u32, f32 = ctypes.c_uint32, ctypes.c_float
-        lib.timevlm_embed_forward.argtypes = [_P, _P, _P, _L, _I, _I, u32, u32, f32, _I]
-        lib.timevlm_embed_backward.argtypes = [_P, _P, _P, _P, _L, _I, _I, u32, u32, f32, _I]
-        lib.timevlm_embed_forward.restype = lib.timevlm_embed_backward.restype = None
-        lib.timevlm_add_bias_residual.argtypes = [_P, _P, _P, _L, _I, _I]
-        lib.timevlm_add_bias_residual.restype = None
-        lib.timevlm_add_bias_residual_norm.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _L, _I, f32, _I]
-        lib.timevlm_add_bias_residual_norm.restype = None
-        lib.timevlm_norm_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I, _I]
-        lib.timevlm_norm_backward.restype = None
-        lib.timevlm_dropout.argtypes = [_P, _P, _L, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, _I]
-        lib.timevlm_bias_relu.restype = lib.timevlm_relu_backward_bias.restype = lib.timevlm_dropout.restype = None
-        lib._typed = True
-    return lib
+    return build.load("elementwise", _SIGNATURES)
+
+
+def _cpu_fp32(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: all on the CPU in fp32, and the library built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _library() is not None
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as [rows, in], x W^T [rows, out]): PyTorch's product, without the bias the kernels add."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat, torch.mm(flat, weight.t())
+
+
+def _product_grads(ctx, g: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size,
+                   x_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of _product's x (shaped x_shape) and weight, from the output's g [rows, out], as far as
+    autograd asks for them (x is input x_index of the Function, the weight the next one)."""
+    dx = torch.mm(g, weight).view(x_shape) if ctx.needs_input_grad[x_index] else None
+    dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[x_index + 1] else None
+    return dx, dw
 
 
 def _mask(p: float) -> tuple[int, int, float]:
@@ -77,7 +90,7 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout_usable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() < 2 ** 32 and _library() is not None
+    return x.numel() < 2 ** 32 and _cpu_fp32(x)
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -88,8 +101,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 class _LinearReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.mm(flat, weight.t())
+        flat, y = _product(x, weight)
         _library().timevlm_bias_relu(y.data_ptr(), bias.contiguous().data_ptr(), y.shape[0], y.shape[1],
                                      torch.get_num_threads())
         ctx.save_for_backward(flat, weight, y)
@@ -103,17 +115,14 @@ class _LinearReLU(torch.autograd.Function):
         gy, db = torch.empty_like(y), torch.empty(y.shape[1], dtype=y.dtype)
         _library().timevlm_relu_backward_bias(g.data_ptr(), y.data_ptr(), gy.data_ptr(), db.data_ptr(),
                                               y.shape[0], y.shape[1], torch.get_num_threads())
-        dx = torch.mm(gy, weight).view(ctx.in_shape) if ctx.needs_input_grad[0] else None
-        dw = torch.mm(gy.t(), flat) if ctx.needs_input_grad[1] else None
-        return dx, dw, db if ctx.needs_input_grad[2] else None
+        return *_product_grads(ctx, gy, flat, weight, ctx.in_shape, 0), db if ctx.needs_input_grad[2] else None
 
 
 class _PatchEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor,
                 p: float) -> torch.Tensor:
-        flat = patches.reshape(-1, patches.shape[-1])
-        y = torch.mm(flat, weight.t())
+        flat, y = _product(patches, weight)
         ctx.mask = _mask(p)
         _library().timevlm_embed_forward(y.data_ptr(), bias.contiguous().data_ptr(), pos.contiguous().data_ptr(),
                                          y.shape[0], y.shape[1], pos.shape[0], *ctx.mask, torch.get_num_threads())
@@ -129,15 +138,12 @@ class _PatchEmbedding(torch.autograd.Function):
         gd, dpos, db = torch.empty_like(g), g.new_empty(period, g.shape[1]), g.new_empty(g.shape[1])
         _library().timevlm_embed_backward(g.data_ptr(), gd.data_ptr(), dpos.data_ptr(), db.data_ptr(), g.shape[0],
                                           g.shape[1], period, *ctx.mask, torch.get_num_threads())
-        dpatches = torch.mm(gd, weight).view(ctx.patch_shape) if ctx.needs_input_grad[0] else None
-        dw = torch.mm(gd.t(), flat) if ctx.needs_input_grad[1] else None
-        return dpatches, dw, db, dpos, None
+        return *_product_grads(ctx, gd, flat, weight, ctx.patch_shape, 0), db, dpos, None
 
 
 def patch_embedding_usable(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> bool:
-    return (patches.device.type == "cpu" and patches.dtype == linear.weight.dtype == pos.dtype == torch.float32
-            and linear.bias is not None and 0.0 <= p < 1.0
-            and patches.numel() // patches.shape[-1] * pos.shape[1] < 2 ** 32 and _library() is not None)
+    return (linear.bias is not None and 0.0 <= p < 1.0 and patches.numel() // patches.shape[-1] * pos.shape[1] < 2 ** 32
+            and _cpu_fp32(patches, linear.weight, pos))
 
 
 def patch_embedding(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> torch.Tensor:
@@ -149,8 +155,7 @@ def patch_embedding(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor,
 class _ResidualLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.mm(flat, weight.t())
+        flat, y = _product(x, weight)
         res = h.reshape(y.shape).contiguous()
         _library().timevlm_add_bias_residual(y.data_ptr(), res.data_ptr(), bias.contiguous().data_ptr(), y.shape[0],
                                              y.shape[1], torch.get_num_threads())
@@ -162,16 +167,16 @@ class _ResidualLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         flat, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        dx = torch.mm(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[2] else None
-        db = g.sum(0) if ctx.needs_input_grad[3] else None
-        return grad, dx, dw, db
+        return grad, *_product_grads(ctx, g, flat, weight, ctx.x_shape, 1), g.sum(0) if ctx.needs_input_grad[3] else None
+
+
+def _residual_usable(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    return h.shape[:-1] == x.shape[:-1] and h.shape[-1] == weight.shape[0] and _cpu_fp32(h, x, weight, bias)
 
 
 def residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h + F.linear(x, weight, bias), h of the output's shape."""
-    if (h.device.type == "cpu" and h.dtype == x.dtype == weight.dtype == bias.dtype == torch.float32
-            and h.shape[:-1] == x.shape[:-1] and h.shape[-1] == weight.shape[0] and _library() is not None):
+    if _residual_usable(h, x, weight, bias):
         return _ResidualLinear.apply(h, x, weight, bias)
     return h + F.linear(x, weight, bias)
 
@@ -179,8 +184,7 @@ def residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
 class _ResidualLinearNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, x, weight, bias, norm_weight, norm_bias, eps: float):
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.mm(flat, weight.t())
+        flat, y = _product(x, weight)
         res = h.reshape(y.shape).contiguous()
         z = torch.empty_like(y)
         mean, rstd = y.new_empty(y.shape[0], 1), y.new_empty(y.shape[0], 1)
@@ -206,8 +210,7 @@ class _ResidualLinearNorm(torch.autograd.Function):
                                              torch.get_num_threads())
         else:
             g = gy if gy is not None else torch.zeros_like(y)
-        dx = torch.mm(g, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dw = torch.mm(g.t(), flat) if ctx.needs_input_grad[2] else None
+        dx, dw = _product_grads(ctx, g, flat, weight, ctx.x_shape, 1)
         db = g.sum(0) if ctx.needs_input_grad[3] else None
         return g.view(ctx.x_shape[:-1] + (y.shape[1],)), dx, dw, db, dnw, dnb, None
 
@@ -217,21 +220,18 @@ def residual_linear_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """(y, norm(y)) for y = h + F.linear(x, weight, bias); `norm` a LayerNorm over the last dimension (or any
     module, then applied as it is)."""
     if (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
-            and h.device.type == "cpu" and h.dtype == x.dtype == weight.dtype == bias.dtype == torch.float32
-            and norm.weight.dtype == torch.float32 and h.shape[:-1] == x.shape[:-1]
-            and h.shape[-1] == weight.shape[0] and tuple(norm.normalized_shape) == (h.shape[-1],)
-            and _library() is not None):
+            and tuple(norm.normalized_shape) == (h.shape[-1],) and _residual_usable(h, x, weight, bias)
+            and _cpu_fp32(norm.weight, norm.bias)):
         return _ResidualLinearNorm.apply(h, x, weight, bias, norm.weight, norm.bias, norm.eps)
     y = residual_linear(h, x, weight, bias)
     return y, norm(y)
 
 
-def usable(x: torch.Tensor, linear: nn.Linear) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and linear.weight.dtype == torch.float32
-            and linear.bias is not None and _library() is not None)
+def linear_relu_usable(x: torch.Tensor, linear: nn.Linear) -> bool:
+    return linear.bias is not None and _cpu_fp32(x, linear.weight, linear.bias)
 
 
 def linear_relu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    if usable(x, linear):
+    if linear_relu_usable(x, linear):
         return _LinearReLU.apply(x, linear.weight, linear.bias)
     return F.relu(linear(x))
