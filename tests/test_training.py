@@ -49,15 +49,57 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(data_dir, shared_
     assert [h.val_mse for h in resumed.history] == [h.val_mse for h in full.history]
 
 
-def test_early_stopping_and_divergence(data_dir, shared_cache):
-    cfg = tiny(shared_cache, epochs=10, patience=1, lr=0.5, grad_clip=None)
+def test_early_stopping_keeps_the_best_epoch(data_dir, shared_cache, monkeypatch):
+    """Validation scripted to improve twice and then get worse: with patience 2 the loop runs two more epochs,
+    stops before the fifth, and hands back the weights it validated at epoch 2."""
+    import timevlm.training as training
+
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    monkeypatch.setattr(training, "validate", lambda *a, **k: {"mse": next(scripted), "mae": 1.0})
+    cfg = tiny(shared_cache, epochs=10, patience=2)
     p = prepare(cfg, progress=False)
+    states = []
+    r = fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
+            val_feats=p.features["val"], on_epoch_end=lambda m, s, imp: states.append(copy.deepcopy(s)))
+    assert r.stopped_early and [h.val_mse for h in r.history] == [3.0, 2.0, 2.5, 2.6]
+    assert (r.best_epoch, r.best_val_mse) == (2, 2.0)
+    assert [h.best_val_mse for h in r.history] == [3.0, 2.0, 2.0, 2.0]
+    final = p.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[1].best_state.items())  # epoch 2's weights
+    assert any(not torch.equal(final[k], v) for k, v in states[3].model.items() if k in final)  # not the last
+
+
+def test_patience_is_not_reached_by_a_validation_that_keeps_improving(data_dir, shared_cache, monkeypatch):
+    import timevlm.training as training
+
+    scripted = iter([3.0, 2.9, 2.8])
+    monkeypatch.setattr(training, "validate", lambda *a, **k: {"mse": next(scripted), "mae": 1.0})
+    cfg = tiny(shared_cache, epochs=3, patience=1)
+    p = prepare(cfg, progress=False)
+    r = fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
+            val_feats=p.features["val"])
+    assert not r.stopped_early and (r.best_epoch, len(r.history)) == (3, 3)
+
+
+def test_a_non_finite_loss_stops_training_naming_where(data_dir, shared_cache):
+    cfg = tiny(shared_cache, epochs=3)
+    p = prepare(cfg, progress=False)
+    calls = []
+
+    def poison(module, inputs, output):  # the third training forward of the second epoch returns NaN
+        if module.training:
+            calls.append(1)
+            if len(calls) == len(p.splits["train"]) // cfg.train.batch_size + 3:
+                return output * float("nan")
+        return output
+
+    p.model.register_forward_hook(poison)
     try:
-        r = fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
-                val_feats=p.features["val"])
-        assert r.stopped_early and len(r.history) < 10  # a huge lr stops improving quickly
-    except NonFiniteLossError as e:  # or diverges; either way the loop says what happened
-        assert "loss is" in str(e)
+        fit(p.model, p.splits["train"], p.splits["val"], cfg.train, train_feats=p.features["train"],
+            val_feats=p.features["val"])
+        raise AssertionError("a NaN loss must raise")
+    except NonFiniteLossError as e:
+        assert "loss is nan at epoch 2, step 3" in str(e)
     with torch.no_grad():
         for prm in p.model.parameters():
             prm.fill_(float("nan"))
