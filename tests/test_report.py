@@ -115,4 +115,45 @@ def test_paper_results_are_checked_data():
     df = paper_results()
     row = df[(df["dataset"] == "ETTh1") & (df["horizon"] == "96") & (df["model"] == "timevlm")]
     assert row["value"].tolist() == [0.361] and row["table"].tolist() == ["Table 5"]
-    assert set(df["protocol"]) <= {"long_term", "few_shot", "zero_shot"}
+    assert set(df["protocol"]) == {"long_term", "few_shot", "zero_shot", "short_term", "efficiency"}
+    assert set(df["table"]) == {f"Table {i}" for i in range(1, 9)} and len(df) == 785
+
+
+@pytest.mark.parametrize("protocol, metric, fields, value, table", [
+    ("few_shot", "mse", dict(dataset="ETTh1", percent=10, horizon="avg", model="timevlm"), 0.431, "Table 2"),
+    ("few_shot", "mse", dict(dataset="ETTm1", percent=5, horizon="avg", model="timevlm"), 0.364, "Table 1"),
+    ("few_shot", "mse", dict(dataset="ETTh1", percent=10, horizon="avg", model="dlinear"), 0.691, "Table 2"),
+    ("zero_shot", "mse", dict(dataset="ETTh1", source="ETTh2", horizon="avg", model="timevlm"), 0.496, "Table 3"),
+    ("zero_shot", "mae", dict(dataset="ETTm1", source="ETTm2", horizon="avg", model="patchtst"), 0.492, "Table 3"),
+    ("short_term", "owa", dict(dataset="M4", horizon="avg", model="timevlm"), 0.855, "Table 4"),
+    ("short_term", "owa", dict(dataset="M4-Hourly", horizon=48, model="timevlm"), None, None),
+    ("few_shot", "mse", dict(dataset="Weather", percent=10, horizon=96, model="timevlm", variant="w/o VAL"), 0.213,
+     "Table 6"),
+    # Table 8 names its VLM: a CLIP row gets it, any other row on ETTh2 gets Table 5's figure
+    ("long_term", "mse", dict(dataset="ETTh2", percent=100, horizon="avg", model="timevlm", vlm="clip",
+                              seq_len=512), 0.339, "Table 8"),
+    ("long_term", "mse", dict(dataset="ETTh2", percent=100, horizon="avg", model="timevlm", vlm="custom",
+                              seq_len=512), 0.348, "Table 8"),
+    ("long_term", "mse", dict(dataset="ETTh2", percent=100, horizon="avg", model="timevlm", seq_len=512), 0.341,
+     "Table 5"),
+    ("long_term", "params_m", dict(dataset="ETTh1", horizon="avg", model="timevlm"), 143.6, "Table 7"),
+    ("few_shot", "mse", dict(dataset="ETTh1", percent=7, horizon="avg", model="timevlm"), None, None),
+])
+def test_published_values_are_found_by_their_setting(protocol, metric, fields, value, table):
+    from timevlm_platform.paper import published
+
+    got = published(protocol, metric, **fields)
+    assert got == (None if value is None else (value, table))
+
+
+def test_few_shot_and_zero_shot_rows_get_their_own_published_figure():
+    from timevlm_platform.paper import beside_paper
+
+    few = pd.DataFrame({"dataset": ["ETTh1", "ETTh1"], "percent": [5, 10], "horizon": ["avg", "avg"],
+                        "model": ["timevlm", "timevlm"], "test_mse": [0.45, 0.45], "test_mae": [0.44, 0.44]})
+    out = beside_paper(few, "few_shot")
+    assert out["paper_mse"].tolist() == [0.442, 0.431] and out["paper_table"].tolist() == ["Table 1", "Table 2"]
+    assert out.loc[1, "delta_mse_pct"] == pytest.approx(100 * (0.45 - 0.431) / 0.431)
+    zero = pd.DataFrame({"dataset": ["ETTh1"], "source": ["ETTh2"], "horizon": ["avg"], "model": ["dlinear"],
+                         "test_mse": [0.5]})
+    assert beside_paper(zero, "zero_shot")["paper_mse"].tolist() == [0.703]

@@ -44,7 +44,9 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
         row = {"run_id": r.info.run_id, "status": r.info.status, "dataset": r.data.params.get("data.dataset"),
                "horizon": int(r.data.params.get("model.pred_len", 0)),
                "seq_len": int(r.data.params.get("model.seq_len", 0)),
-               "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed")}
+               "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed"),
+               "percent": int(r.data.params.get("data.percent") or 100),
+               "test_dataset": r.data.params.get("data.test_dataset") or None}
         row.update(searched_values(r))
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS, "params_total", "seconds",
                                                         "peak_mem_mb")})
@@ -71,7 +73,7 @@ def _num(v: str):
 
 def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     done = df[(df["status"] == "FINISHED") & df["test_mse"].notna()]
-    by = ["dataset", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else [])
+    by = ["dataset", "test_dataset", "percent", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else [])
     agg = done.groupby(by, dropna=False).agg(
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
@@ -137,9 +139,13 @@ def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
 def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFrame:
     """Published values and our difference in % beside each matching row (see timevlm_platform.paper)."""
     t = table if "model.model" in table else table.assign(**{"model.model": model})
-    t = t.rename(columns={"model.model": "model", "model.seq_len": "seq_len"})
+    t = t.rename(columns={"model.model": "model", "model.seq_len": "seq_len", "model.vlm": "vlm"})
     if VARIANT_KEY in t and spec.variants:  # the first variant is the model as published
         t[VARIANT_KEY] = t[VARIANT_KEY].replace({next(iter(spec.variants)): "full"})
+    if "test_dataset" in t:  # zero-shot: trained on `dataset` (the source), tested on `test_dataset`
+        zero = t["test_dataset"].notna()
+        t["source"] = t["dataset"].where(zero, None)
+        t["dataset"] = t["test_dataset"].where(zero, t["dataset"])
     out = beside_paper(t, spec.protocol.get("type", "long_term"))
     extra = [c for c in out.columns if c.startswith(("paper_", "delta_")) and out[c].notna().any()]
     return table.assign(**{c: out[c] for c in extra})
@@ -175,15 +181,17 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     lines = [f"# Study `{spec.name}`", "", spec.description, "",
              f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished); test metrics on the scaled "
              "data, mean +- std over seeds (n); configurations selected on validation. `paper_*`: the published "
-             "figure where one matches (protocol, dataset, horizon, model, variant), at the paper's own settings "
+             "figure where one matches (protocol, dataset, source set, training percent, horizon, model, variant, VLM), at the paper's own settings "
              "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
-    cols = ["dataset", "horizon", *keys, "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
+    cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
             "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
-    lines += [_markdown(_with_paper(summary[[c for c in cols if c in summary]], spec, model)), ""]
+    cols = [c for c in cols if c in summary and not (c == "test_dataset" and summary[c].isna().all())]
+    lines += [_markdown(_with_paper(summary[cols], spec, model)), ""]
     if len(summary["horizon"].unique()) > 1:
-        by = ["dataset", *keys] + (["seq_len"] if "seq_len" in summary else [])  # averages match at their length
-        avg = summary.groupby(by)[["test_mse", "test_mae"]].mean().reset_index()
+        by = [c for c in ("dataset", "test_dataset", "percent") if c in cols] + keys + (
+            ["seq_len"] if "seq_len" in summary else [])  # averages match at their length
+        avg = summary.groupby(by, dropna=False)[["test_mse", "test_mae"]].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
                   ""]
     if spec.variants and VARIANT_KEY in keys:
