@@ -29,7 +29,7 @@ SEEDS = (2021, 2022)
 ABLATIONS = {"w/o RAL": {"use_ral": False}, "w/o VAL": {"use_val": False}, "w/o TAL": {"use_tal": False},
              "RAL only": {"use_val": False, "use_tal": False}}
 FIELDS = ["setting", "dataset", "seq_len", "pred_len", "variant", "seed", "test_mse", "test_mae", "best_val_mse",
-          "best_epoch", "epochs_run", "residual_scale", "seconds_per_epoch", "params_trainable", "wall_s", "device",
+          "best_epoch", "epochs_run", "residual_scale", "head_scale", "seconds_per_epoch", "params_trainable", "wall_s", "device",
           "error"]
 
 
@@ -44,14 +44,18 @@ class Run:
 
     @property
     def setting(self) -> str:
-        return f"{self.dataset}-{self.seq_len}-{self.pred_len}"
+        data = self.config.get("data", {})
+        target = f">{data['test_dataset']}" if data.get("test_dataset") else ""
+        percent = f"-{data['percent']}pct" if data.get("percent", 100) != 100 else ""
+        return f"{self.dataset}{target}-{self.seq_len}-{self.pred_len}{percent}"
 
     def experiment(self, quick: bool, device: str) -> dict[str, dict[str, Any]]:
         cfg = copy.deepcopy(self.config)
         cfg.setdefault("model", {}).update(seq_len=self.seq_len, pred_len=self.pred_len)
         cfg.setdefault("data", {})["dataset"] = self.dataset
         # amp: the reported GPU rows ran with bf16 autocast (then the library's CUDA default), so reruns match them
-        cfg.setdefault("train", {}).update(seed=self.seed, device=device, num_threads=1, progress=False, amp=True)
+        cfg.setdefault("train", {}).setdefault("amp", True)
+        cfg["train"].update(seed=self.seed, device=device, num_threads=1, progress=False)
         # the plans before weight averaging (train.ema_decay, now on for Time-VLM by default) ran without it;
         # the plans that measure it set it
         cfg["train"].setdefault("ema_decay", None)
@@ -336,6 +340,36 @@ PLANS = {"issue10": plan_issue10, "sweep": plan_sweep, "sweep-no-norm": plan_swe
          "prompt-weather": plan_prompt_weather, "kernel-check": plan_kernel_check}
 
 
+def plan_from_file(path: str) -> list[Run]:
+    """Runs from a YAML plan (benchmarks/plans/*.yaml): per block, datasets x horizons x variants x seeds at one
+    seq_len, each variant's settings ({section: {key: value}}, optionally `preset: NAME`, resolved per dataset
+    and horizon) laid over the block's `config`. Unlike the older plans in this file, runs keep the library's
+    defaults (weight averaging included) unless the plan sets otherwise."""
+    import yaml
+
+    from timevlm.presets import preset_overrides
+
+    spec = yaml.safe_load(open(path))
+    runs = []
+    for block in spec["runs"]:
+        for dataset in block["datasets"]:
+            for horizon in block["horizons"]:
+                for variant, settings in block["variants"].items():
+                    settings = copy.deepcopy(settings or {})
+                    cfg = copy.deepcopy(block.get("config", {}))
+                    cfg.setdefault("train", {}).setdefault("ema_decay", "auto")
+                    cfg["train"].setdefault("amp", False)
+                    preset = settings.pop("preset", None)
+                    layers = ([preset_overrides(preset, dataset, horizon)] if preset else []) + [settings]
+                    for layer in layers:
+                        for section, values in layer.items():
+                            cfg.setdefault(section, {}).update(values)
+                    for seed in block.get("seeds", SEEDS):
+                        runs.append(Run(dataset, cfg["model"].get("seq_len", block.get("seq_len", 512)), horizon,
+                                        variant, seed, copy.deepcopy(cfg)))
+    return runs
+
+
 def _prebuild(cfg: dict, threads: int = 0) -> str:
     """Build (or find) every split's VLM features for one config; returns a one-line summary."""
     import torch
@@ -401,11 +435,12 @@ def summarize(paths: list[str]) -> str:
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
         best_epoch=("best_epoch", "mean"), residual_open=("residual_scale", "mean"),
+        head_open=("head_scale", "mean"),
         params=("params_trainable", "mean")).reset_index()
     out = []
     for setting, g in agg.groupby("setting", sort=False):
         out += [f"### {setting}", "", g.drop(columns="setting").sort_values("val_mse").to_markdown(
-            index=False, floatfmt=(".0f", ".0f", ".4f", ".4f", ".4f", ".4f", ".4f", ".1f", ".2f", ",.0f"),
+            index=False, floatfmt=(".0f", ".0f", ".4f", ".4f", ".4f", ".4f", ".4f", ".1f", ".2f", ".2f", ",.0f"),
             missingval=""), ""]
     if len(failed):
         out += [f"{len(failed)} run(s) failed: " + "; ".join(f"{r.setting} {r.variant} {r.seed}: {r.error}"
@@ -420,6 +455,7 @@ def main(argv: list[str] | None = None) -> Path:
         return Path(".")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=sorted(PLANS), default="issue10")
+    ap.add_argument("--plan-file", help="a YAML plan (benchmarks/plans/); replaces --plan")
     ap.add_argument("--out", default="reports/fidelity")
     ap.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--device", default="auto")
@@ -429,7 +465,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--match", default="", help="regex: keep runs whose '<setting> <variant>' it matches")
     args = ap.parse_args(argv)
 
-    runs = [r for r in PLANS[args.plan]() if re.search(args.match, f"{r.setting} {r.variant}")]
+    planned = plan_from_file(args.plan_file) if args.plan_file else PLANS[args.plan]()
+    runs = [r for r in planned if re.search(args.match, f"{r.setting} {r.variant}")]
     runs = [r for r in runs if not args.seeds or r.seed in args.seeds]
     cfgs = [r.experiment(args.quick, args.device) for r in runs]
     for c in cfgs:

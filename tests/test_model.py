@@ -84,7 +84,7 @@ def test_each_ablation_switch_removes_its_branch(switch):
 
 def test_without_val_and_tal_the_model_is_the_temporal_branch_alone():
     model = build_model(dataclasses.replace(CFG, use_val=False, use_tal=False)).eval()
-    assert model.multimodal is None and not model.uses_features and model.residual_choices == ()
+    assert model.multimodal is None and not model.uses_features and model.switches == {"head_scale": (1.0, 0.0)}
     x = torch.randn(B, L, N)
     mean, std = x.mean(1, keepdim=True), torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5) / CFG.norm_const
     forecast, _ = model.ral((x - mean) / std)
@@ -203,3 +203,67 @@ def test_prompts_end_with_the_dataset_description_only_when_asked():
     assert encoder_settings(off.cfg) == encoder_settings(dataclasses.replace(off.cfg, dataset_description="other"))
     with pytest.raises(Exception, match="prompt_description must be true or false"):
         ModelConfig(prompt_description="yes")
+
+
+def test_untrained_temporal_forecast_is_the_window_mean():
+    """The linear path starts as DLinear's (the window's mean) and the head's residual at zero, so an untrained
+    Time-VLM forecasts each variable's mean over its window, in training and in eval."""
+    x = torch.randn(B, L, N) * 3 + 5
+    for mode in ("train", "eval"):
+        model = getattr(build_model(CFG), mode)()
+        torch.testing.assert_close(model(x, feats()), x.mean(1, keepdim=True).expand(B, H, N), atol=1e-4, rtol=1e-4)
+
+
+def test_parts_add_up_to_the_forecast_at_every_switch_value():
+    torch.manual_seed(0)
+    model = opened(build_model(CFG)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.ral.head[-1].weight, std=0.05)
+    x, f = torch.randn(B, L, N), feats()
+    parts = model.forecast_parts(x, f)
+    assert model.switches == {"head_scale": (1.0, 0.0), "residual_scale": (1.0, 0.0)}
+    outs = {}
+    for head in (1.0, 0.0):
+        for mm in (1.0, 0.0):
+            model.set_switch("head_scale", head)
+            model.set_switch("residual_scale", mm)
+            outs[head, mm] = model(x, f)
+            torch.testing.assert_close(model.combine(parts, {"head_scale": head, "residual_scale": mm}), outs[head, mm])
+    assert len({round(float(o.detach().sum()), 3) for o in outs.values()}) == 4  # each switch changes the forecast
+    linear = model.ral.linear(((x - x.mean(1, keepdim=True)) / (torch.sqrt(x.var(1, keepdim=True, unbiased=False)
+                                                                         + 1e-5) / CFG.norm_const)).permute(0, 2, 1))
+    torch.testing.assert_close(outs[0.0, 0.0], model.combine({**parts, "head_scale": 0 * parts["head_scale"],
+                                                                  "residual_scale": 0 * parts["residual_scale"]}, {}))
+    assert parts["base"].shape == linear.shape and torch.allclose(parts["base"], linear, atol=1e-5)
+
+
+def test_training_drops_the_head_residual_per_window_at_head_drop():
+    ral = RAL(dataclasses.replace(CFG, head_drop=0.25)).train()
+    linear, head = torch.randn(512, N, H), torch.randn(512, N, H)
+    ral.parts = lambda x: (linear, head, None)  # the parts as given; what is checked is how forward adds them
+    torch.manual_seed(2)
+    forecast, _ = ral(torch.zeros(512, L, N))
+    torch.manual_seed(2)
+    mask = (torch.rand(512, N, 1) >= 0.25).float()
+    torch.testing.assert_close(forecast, linear + mask * head)
+    assert 0.2 < (forecast == linear).all(-1).float().mean() < 0.3  # per window and variable
+    ral.eval()
+    torch.testing.assert_close(ral(torch.zeros(512, L, N))[0], linear + head)  # eval: head_scale 1, nothing dropped
+    ral.head_scale.fill_(0.0)
+    assert torch.equal(ral(torch.zeros(512, L, N))[0], linear)
+
+
+def test_flatten_head_learns_at_its_fan_in_scaled_rate():
+    from timevlm.config import TrainConfig
+    from timevlm.training import make_optimizer, set_learning_rate
+
+    model = build_model(CFG)
+    opt = make_optimizer(list(model.parameters()), TrainConfig(lr=1e-3), torch.device("cpu"))
+    head = model.ral.head[-1]
+    scale = L / head.in_features
+    assert 0 < scale < 1
+    set_learning_rate(opt, 5e-4)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(head.weight)] == lrs[id(head.bias)] == pytest.approx(5e-4 * scale)
+    assert lrs[id(model.ral.linear.seasonal.weight)] == 5e-4
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -132,6 +132,30 @@ def test_validation_keeps_the_multimodal_residual_only_where_it_helps(data_dir, 
     assert validate(model, val, feats, 256, torch.device("cpu"), False)["residual_scale"] == 1.0
 
 
+def test_validation_scores_every_switch_combination_and_keeps_the_best(data_dir, shared_cache):
+    """One forward pass per batch scores the patch head and the multimodal residual open and closed in all four
+    combinations: the same numbers as evaluating the model at each, and the model is left at the best."""
+    from timevlm.training import evaluate, validate
+
+    p = prepare(tiny(shared_cache), progress=False)
+    model, val, feats = p.model, p.splits["val"], p.features["val"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.ral.head[-1].weight, std=0.02)
+        torch.nn.init.normal_(model.multimodal.correction[-1].weight, std=0.5)
+    scores = {}
+    for head in (1.0, 0.0):
+        for mm in (1.0, 0.0):
+            model.set_switch("head_scale", head)
+            model.set_switch("residual_scale", mm)
+            scores[head, mm] = evaluate(model, val, feats)["mse"]
+    assert len(set(scores.values())) == 4
+    out = validate(model, val, feats, 256, torch.device("cpu"), False)
+    best = min(scores, key=scores.get)
+    assert (out["head_scale"], out["residual_scale"]) == best and out["mse"] == scores[best]
+    assert model.switch_values == {"head_scale": best[0], "residual_scale": best[1]}
+
+
 def test_weight_average_is_what_validation_scores_keeps_and_resumes(data_dir, shared_cache):
     cfg = tiny(shared_cache, epochs=3, ema_decay=0.9)
     states = []

@@ -35,6 +35,14 @@ class ModelConfig:
     ral_out_norm: bool = True  # a LayerNorm on every patch embedding before the flatten head
     head_dim: int | None = None  # None: flatten d_model per patch; else project each patch to head_dim first
     memory_gate: bool = False  # a learned sigmoid gate on what the memory retrieves (official: per setting)
+    # the temporal forecast = a linear map of the normalised window (DLinear's decomposition and two linear maps,
+    # starting as the window's mean; a global linear residual as in TiDE) + the patch-memory flatten head as a residual on it, which starts at
+    # zero and which validation keeps only where it lowers the error (training.validate). False: the flatten
+    # head alone, as in the official code
+    linear_skip: bool = True
+    # training only: the probability that a window's patch-head residual is dropped (per window and variable),
+    # so the linear map also learns to forecast alone and validation can close the head where it overfits
+    head_drop: float = 0.5
     dropout: float = 0.1
     # VAL: series -> 3-channel image
     image_size: int = 64
@@ -90,7 +98,10 @@ class ModelConfig:
         _require(self.d_fusion % self.n_heads == 0,
                  f"d_fusion ({self.d_fusion}) must be divisible by n_heads ({self.n_heads})")
         _require(0.0 < float(self.norm_const) <= 10.0, f"norm_const must be in (0, 10], got {self.norm_const}")
-        for name in ("dropout", "mm_dropout"):
+        _require(isinstance(self.linear_skip, bool), f"linear_skip must be true or false, got {self.linear_skip!r}")
+        _require(self.linear_skip or self.head_drop == 0.0,
+                 f"head_drop ({self.head_drop}) drops the head's residual on the linear map: it needs linear_skip")
+        for name in ("dropout", "mm_dropout", "head_drop"):
             v = getattr(self, name)
             _require(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v}")
         _require(0.0 <= self.memory_momentum < 1.0, "memory_momentum must be in [0, 1)")

@@ -126,7 +126,6 @@ def run_experiment(exp: ExperimentConfig, *,
         "seconds_per_epoch": float(np.mean([e.seconds for e in epochs])) if epochs else float("nan"),
         "n_train_windows": len(p.splits["train"]), "n_test_windows": len(p.splits["test"]),
         **count_parameters(p.model), **p.cache_info,
-        **({"residual_scale": p.model.residual_scale} if getattr(p.model, "residual_scale", None) is not None
-           else {}),
+        **getattr(p.model, "switch_values", {}),
         "history": [e.as_dict() for e in epochs],
     }

@@ -5,6 +5,7 @@ The platform calls fit() once per Ray Train worker and receives per-epoch metric
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -85,6 +86,7 @@ class EpochMetrics:
     seconds: float
     best_val_mse: float
     residual_scale: float | None = None  # Time-VLM: the multimodal residual's scale chosen on validation
+    head_scale: float | None = None  # Time-VLM: the patch head's residual on the linear forecast, chosen likewise
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -149,28 +151,40 @@ def evaluate(model: nn.Module, split: SplitData, feats: SplitFeatures | None = N
 
 def validate(model: nn.Module, val: SplitData, feats: SplitFeatures | None, batch_size: int,
              device: torch.device, amp: bool) -> dict[str, float]:
-    """Validation MSE/MAE. A model with a gated multimodal residual (`residual_choices`, e.g. Time-VLM's
-    open/closed) is scored at each choice and left at the best one: the residual is kept only where it
-    lowers validation error, a selection on validation data like the choice of epoch. The choice is a
-    buffer, so it travels with the state_dict of the selected epoch."""
+    """Validation MSE/MAE. A model with residual branches that can be switched off (`switches`, e.g. Time-VLM's
+    patch head on its linear forecast and its multimodal residual: {name: (1.0, 0.0)}) is scored at every
+    combination and left at the best: a branch is kept only where it lowers validation error, a selection on
+    validation data like the choice of epoch. The choices are buffers, so they travel with the state_dict of
+    the selected epoch; ties keep the earlier combination (every branch as trained first)."""
     inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
-    choices = getattr(inner, "residual_choices", ())
-    if not choices:
+    switches = getattr(inner, "switches", {})
+    if not switches:
         return evaluate(model, val, feats, batch_size, device, amp)
-    scored = []
-    for scale in choices:
-        inner.set_residual_scale(scale)
-        scored.append((evaluate(model, val, feats, batch_size, device, amp), scale))
-    best, scale = min(scored, key=lambda s: s[0]["mse"])  # ties keep the first (open) choice
-    inner.set_residual_scale(scale)
-    return {**best, "residual_scale": scale}
+    choices = [dict(zip(switches, values)) for values in itertools.product(*switches.values())]
+    inner.eval()
+    preds: list[list[np.ndarray]] = [[] for _ in choices]
+    trues = []
+    with torch.no_grad():
+        for idx, x, y in make_loader(val, batch_size, shuffle=False):
+            with _autocast(device, amp):  # one forward pass; every combination of switches from its parts
+                parts = inner.forecast_parts(x.to(device), _features(feats, idx))
+                for out, choice in zip(preds, choices):
+                    out.append(inner.combine(parts, choice).float().cpu().numpy())
+            trues.append(y.numpy())
+    true = np.concatenate(trues)
+    scored = [({"mse": mse(np.concatenate(p), true), "mae": mae(np.concatenate(p), true)}, choice)
+              for p, choice in zip(preds, choices)]
+    best, choice = min(scored, key=lambda s: s[0]["mse"])
+    for name, value in choice.items():
+        inner.set_switch(name, value)
+    return {**best, **choice}
 
 
 def _train_mode(model: nn.Module) -> None:
     model.train()
     inner = getattr(model, "module", model)
-    if getattr(inner, "residual_choices", ()):
-        inner.set_residual_scale(1.0)  # training always sees the residual as learned
+    for name, choices in getattr(inner, "switches", {}).items():
+        inner.set_switch(name, choices[0])  # training always sees every branch as learned
 
 
 def _ema_with_warmup(decay: float) -> Callable:
@@ -228,10 +242,21 @@ def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over the parameters
-    instead of a dozen per tensor (the seq_len-512 step's update: 6.5 -> 1.0 ms on our 2-core CPU; on a GPU
-    two launches instead of dozens). Elsewhere (MPS, ...) torch's default implementation."""
+    instead of a dozen per tensor. Elsewhere (MPS, ...) torch's default implementation. A parameter with an
+    `lr_scale` attribute (set by the network, e.g. Time-VLM's flatten head) trains at that multiple of the
+    learning rate: one parameter group per scale, each with its `lr_scale` (see `set_learning_rate`)."""
     fused = True if device.type in ("cpu", "cuda") else None
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scales: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        scales.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    groups = [{"params": ps, "lr": cfg.lr * scale, "lr_scale": scale} for scale, ps in scales.items()]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group at `lr` times its `lr_scale`."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 class TrainStep:
@@ -300,8 +325,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             stopped_early = True
             break
         lr = cfg.lr * _lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_learning_rate(opt, lr)
         _train_mode(model)
         t0, total, count = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, disable=not cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -324,7 +348,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
                          val_mae=scores["mae"], lr=lr, seconds=time.perf_counter() - t0, best_val_mse=best_val,
-                         residual_scale=scores.get("residual_scale"))
+                         residual_scale=scores.get("residual_scale"), head_scale=scores.get("head_scale"))
         history.append(m)
         if on_epoch_end is not None:
             state = TrainState(epoch + 1, model.state_dict(), opt.state_dict(), best_state, best_val, best_epoch,

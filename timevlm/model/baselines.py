@@ -14,23 +14,35 @@ from torch import nn
 from timevlm.config import ModelConfig
 
 
-class DLinear(nn.Module):
+class DecompositionLinear(nn.Module):
+    """DLinear's map of series [..., seq_len] -> [..., pred_len]: a moving average (kernel 25, replicate-padded)
+    splits each series into trend and remainder, and one linear map each forecasts from them; both start as the
+    series' mean (the published initialisation). Time-VLM's temporal branch uses it as its linear path."""
+
+    def __init__(self, seq_len: int, pred_len: int, kernel: int = 25) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.seasonal = nn.Linear(seq_len, pred_len)
+        self.trend = nn.Linear(seq_len, pred_len)
+        for lin in (self.seasonal, self.trend):
+            nn.init.constant_(lin.weight, 1.0 / seq_len)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        front, end = (self.kernel - 1) // 2, self.kernel // 2
+        shape = s.shape
+        flat = s.reshape(-1, 1, shape[-1])
+        trend = F.avg_pool1d(F.pad(flat, (front, end), mode="replicate"), self.kernel, stride=1).reshape(shape)
+        return self.seasonal(s - trend) + self.trend(trend)
+
+
+class DLinear(DecompositionLinear):
     uses_features = False
 
     def __init__(self, cfg: ModelConfig, kernel: int = 25) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.seasonal = nn.Linear(cfg.seq_len, cfg.pred_len)
-        self.trend = nn.Linear(cfg.seq_len, cfg.pred_len)
-        for lin in (self.seasonal, self.trend):  # the published initialisation: a moving average
-            nn.init.constant_(lin.weight, 1.0 / cfg.seq_len)
+        super().__init__(cfg.seq_len, cfg.pred_len, kernel)
 
     def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
-        s = x.permute(0, 2, 1)  # [B, N, L]
-        front, end = (self.kernel - 1) // 2, self.kernel // 2
-        trend = F.avg_pool1d(F.pad(s, (front, end), mode="replicate"), self.kernel, stride=1)
-        out = self.seasonal(s - trend) + self.trend(trend)
-        return out.permute(0, 2, 1)
+        return super().forward(x.permute(0, 2, 1)).permute(0, 2, 1)  # per variable: [B, N, L] -> [B, N, H]
 
 
 class PatchTST(nn.Module):

@@ -10,7 +10,7 @@ It starts closed: the correction's output layer is zero-initialised, so an untra
 what its temporal branch does, and the branch only moves away from that where the training loss says so.
 What it learns from the frozen features is regularised by dropout on the projected tokens (`mm_dropout`) and
 a LayerNorm on the raw features (their scale differs by encoder). `scale` is a buffer the training loop sets
-on validation data (1 = as learned, 0 = closed; `residual_choices`): the branch cannot make the selected
+on validation data (1 = as learned, 0 = closed; `TimeVLM.switches`): the branch cannot make the selected
 model worse than its own temporal forecast on validation data.
 
 Without the RAL there is no temporal forecast to correct: the attended vector forecasts directly.
@@ -47,6 +47,13 @@ class MultimodalResidual(nn.Module):
                 text: torch.Tensor | None) -> torch.Tensor:
         """temporal [B, N, pred_len] and summary [B, N, d_model] (both None without RAL), vision [B, Kv, Dv],
         text [B, Kt, Dt] (None when that branch is off) -> forecast [B, N, pred_len] (normalised space)."""
+        delta = self.residual(summary, vision, text)
+        return delta if temporal is None else temporal + self.scale * delta
+
+    def residual(self, summary: torch.Tensor | None, vision: torch.Tensor | None,
+                 text: torch.Tensor | None) -> torch.Tensor:
+        """The gated correction (gate x correction, [B, N, pred_len]) that `forward` adds to the temporal
+        forecast at `scale`; without RAL, the multimodal forecast itself."""
         tokens = []
         if self.vision_proj is not None:
             tokens.append(self.vision_proj(vision) + self.modality[0])
@@ -59,7 +66,7 @@ class MultimodalResidual(nn.Module):
             query = query + self.query_proj(summary)
         attended = multihead_attention(self.cross, query, mm)
         correction = self.correction(attended)
-        if temporal is None:  # w/o RAL: the multimodal branch forecasts alone
+        if self.gate is None:  # w/o RAL: the multimodal branch forecasts alone
             return correction
         gate = torch.sigmoid(self.gate(torch.cat([query, attended], dim=-1)))  # [B, N, 1]
-        return temporal + self.scale * gate * correction
+        return gate * correction

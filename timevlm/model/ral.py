@@ -9,6 +9,7 @@ from torch import nn
 from timevlm.config import ModelConfig
 from timevlm.kernels.elementwise import (linear_relu, patch_embedding, patch_embedding_usable, residual_linear,
                                          residual_linear_norm)
+from timevlm.model.baselines import DecompositionLinear
 from timevlm.model.layers import Dropout, multihead_attention
 
 
@@ -120,6 +121,13 @@ class RAL(nn.Module):
     memory) is flattened and one linear layer maps them to pred_len (a PatchTST-style flatten head, the
     official code's "memory head"), so where in the window something happened still reaches the output.
     The summary (mean over patches) is the variable's query into the multimodal tokens.
+
+    With `linear_skip` the forecast is a linear map of the window (DLinear's: trend and remainder, each mapped
+    linearly, starting as the window's mean) plus the flatten head as a residual on it: the head's output layer starts at zero, training drops the residual for
+    a `head_drop` fraction of windows (so the linear map learns to forecast alone), and `head_scale` (a buffer
+    the training loop sets on validation: 1 open, 0 closed) keeps the head only where it lowers validation
+    error. With a few hundred training windows the head's 10^5-10^6 weights fit the training windows within a
+    few steps and validation closes it; with full data it stays open.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -133,10 +141,43 @@ class RAL(nn.Module):
         per_patch = cfg.head_dim or d  # a narrower per-patch projection keeps the head small at long inputs
         self.head = nn.Sequential(nn.Linear(d, per_patch) if cfg.head_dim else nn.Identity(), nn.Flatten(1),
                                   Dropout(cfg.dropout), nn.Linear(cfg.num_patches * per_patch, cfg.pred_len))
+        self.linear = DecompositionLinear(cfg.seq_len, cfg.pred_len) if cfg.linear_skip else None
+        self.head_drop = cfg.head_drop
+        if self.linear is not None:
+            for lin in (self.linear.seasonal, self.linear.trend):
+                nn.init.zeros_(lin.bias)  # with the weights at 1/seq_len: the window's mean
+            nn.init.zeros_(self.head[-1].weight)  # the head's residual starts at zero
+            nn.init.zeros_(self.head[-1].bias)
+            # Adam moves every weight by about lr per step whatever its gradient's size, and the flattened patch
+            # embeddings (LayerNorm outputs) share their signs across windows, so one step moves the head's forecast
+            # by ~lr x fan-in (~6 normalised units at d_model 128, seq_len 512: a first-epoch training loss of 12-15).
+            # Scaled by seq_len / fan-in, its step moves the forecast as far as the linear map's does
+            # (training.make_optimizer reads `lr_scale`)
+            for prm in self.head[-1].parameters():
+                prm.lr_scale = min(1.0, cfg.seq_len / self.head[-1].in_features)
+            self.register_buffer("head_scale", torch.ones(()))
+
+    def _head_scale(self, b: int, n: int, like: torch.Tensor) -> torch.Tensor | float:
+        """Eval: `head_scale` (the validation choice). Training: per window and variable, 1 where the head's
+        residual is kept this step and 0 where it is dropped (probability `head_drop`)."""
+        if not self.training:
+            return self.head_scale
+        if self.head_drop == 0.0:
+            return 1.0
+        return (torch.rand(b, n, 1, device=like.device) >= self.head_drop).to(like.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        linear, head, summary = self.parts(x)
+        if linear is None:
+            return head, summary
+        return linear + self._head_scale(head.shape[0], head.shape[1], head) * head, summary
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(linear forecast or None without `linear_skip`, the flatten head's forecast, summary), each
+        [B, N, ...]: `forward` is linear + head_scale x head (in training, the head dropped per window)."""
         b, l, n = x.shape
-        h = self.embed(x.permute(0, 2, 1).reshape(b * n, l))
+        series = x.permute(0, 2, 1).reshape(b * n, l)
+        h = self.embed(series)
         x = None
         if self.memory_gate is None:  # global memory: h + the retrieved prototypes, and the local block's norm1
             h, x = self.memory(h, residual=h, norm=self.local.norm1)
@@ -144,5 +185,5 @@ class RAL(nn.Module):
             retrieved = self.memory(h)
             h = h + torch.sigmoid(self.memory_gate(torch.cat([h, retrieved], dim=-1))) * retrieved
         h = self.local(h, x, out_norm=self.norm)  # local memory: self-attention over this window's patches
-        forecast = self.head(h).reshape(b, n, -1)
-        return forecast, h.mean(1).reshape(b, n, -1)
+        linear = self.linear(series).reshape(b, n, -1) if self.linear is not None else None
+        return linear, self.head(h).reshape(b, n, -1), h.mean(1).reshape(b, n, -1)

@@ -37,31 +37,78 @@ class TimeVLM(nn.Module):
     def uses_features(self) -> bool:
         return self.multimodal is not None
 
+    def _switch_buffers(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.ral is not None and self.ral.linear is not None:
+            out["head_scale"] = self.ral.head_scale  # the patch head's residual on the linear forecast
+        if self.multimodal is not None and self.ral is not None:
+            out["residual_scale"] = self.multimodal.scale  # the multimodal residual on the temporal forecast
+        return out
+
     @property
-    def residual_choices(self) -> tuple[float, ...]:
-        """Scales of the multimodal residual that validation chooses between (see training.fit)."""
-        return (1.0, 0.0) if self.multimodal is not None and self.ral is not None else ()
+    def switches(self) -> dict[str, tuple[float, ...]]:
+        """Residual branches that validation opens (1) or closes (0), with their choices, the first being the
+        model as trained (training.validate); buffers, so the choice travels with the state_dict."""
+        return {name: (1.0, 0.0) for name in self._switch_buffers()}
+
+    def set_switch(self, name: str, value: float) -> None:
+        self._switch_buffers()[name].fill_(value)
 
     def set_residual_scale(self, scale: float) -> None:
-        self.multimodal.scale.fill_(scale)
+        self.set_switch("residual_scale", scale)
+
+    @property
+    def switch_values(self) -> dict[str, float]:
+        return {name: float(buf) for name, buf in self._switch_buffers().items()}
 
     @property
     def residual_scale(self) -> float | None:
-        return float(self.multimodal.scale) if self.residual_choices else None
+        return self.switch_values.get("residual_scale")
 
     def forward(self, x: torch.Tensor, features: Features | None = None) -> torch.Tensor:
+        if self.training:  # the RAL drops its head's residual per window; every switch is open in training
+            mean, std, xn, vision, text = self._inputs(x, features)
+            temporal, summary = self.ral(xn) if self.ral is not None else (None, None)
+            y = temporal if self.multimodal is None else self.multimodal(temporal, summary, vision, text)
+            return y.permute(0, 2, 1) * std + mean  # [B, pred_len, N]
+        return self.combine(self.forecast_parts(x, features), self._switch_buffers())
+
+    def _inputs(self, x: torch.Tensor, features: Features | None):
         mean = x.mean(1, keepdim=True).detach()
         std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach() / self.cfg.norm_const
-        xn = (x - mean) / std
         if self.uses_features and features is None:
             if self._encoder is None:
                 raise RuntimeError("TimeVLM needs VLM features: pass `features` or attach_encoder() first")
             features = self._encoder(x)
         vision = features["vision"].to(x.device, x.dtype) if features and self.cfg.use_val else None
         text = features["text"].to(x.device, x.dtype) if features and self.cfg.use_tal else None
-        temporal, summary = self.ral(xn) if self.ral is not None else (None, None)
-        y = temporal if self.multimodal is None else self.multimodal(temporal, summary, vision, text)
-        return y.permute(0, 2, 1) * std + mean  # [B, pred_len, N]
+        return mean, std, (x - mean) / std, vision, text
+
+    def forecast_parts(self, x: torch.Tensor, features: Features | None = None) -> dict[str, torch.Tensor]:
+        """Eval: the forecast's parts in normalised space ([B, N, pred_len]): "base" (the linear forecast, or the
+        flatten head's without `linear_skip`; absent without RAL), one part per switch (`head_scale`: the head's
+        residual, `residual_scale`: the gated multimodal residual, or the multimodal forecast without RAL), and
+        the de-normalisation ("mean", "std"). `combine` adds them up at any switch values, so validation scores
+        every combination of switches from one forward pass."""
+        mean, std, xn, vision, text = self._inputs(x, features)
+        parts = {"mean": mean, "std": std}
+        summary = None
+        if self.ral is not None:
+            linear, head, summary = self.ral.parts(xn)
+            parts.update({"base": linear, "head_scale": head} if linear is not None else {"base": head})
+        if self.multimodal is not None:
+            parts["residual_scale"] = self.multimodal.residual(summary, vision, text)
+        return parts
+
+    @staticmethod
+    def combine(parts: dict[str, torch.Tensor], switches: dict[str, torch.Tensor | float]) -> torch.Tensor:
+        """The forecast [B, pred_len, N] from `forecast_parts` with each switch's part at its value."""
+        y = parts.get("base")
+        for name in ("head_scale", "residual_scale"):
+            if name in parts:
+                part = parts[name] * switches[name] if name in switches else parts[name]
+                y = part if y is None else y + part
+        return y.permute(0, 2, 1) * parts["std"] + parts["mean"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
