@@ -129,6 +129,16 @@ def test_variants_and_presets_resolve_per_cell():
     assert spec.with_overrides(epochs=2).experiment("ETTh1", 96, {"variant": "official"}).train.epochs == 2
     smoke = spec.with_smoke().experiment("ETTh1", 96, {"variant": "official"})
     assert (smoke.train.epochs, smoke.model.seq_len, smoke.data.max_windows) == (1, 96, 128)
+    few = load_study("few_shot")
+    assert param_space(few)["variant"] == tune.grid_search(["ours", "official", "dlinear", "patchtst"])
+    # the official few-shot script: d_model per dataset and horizon, dropout 0.1 and the memory gate everywhere
+    fs = few.experiment("ETTm1", 336, {"variant": "official"})
+    assert (fs.model.d_model, fs.model.dropout, fs.model.memory_gate, fs.data.percent) == (256, 0.1, True, 10)
+    assert few.experiment("ETTh2", 720, {"variant": "official"}).model.d_model == 512
+    assert few.experiment("ETTh1", 96, {"variant": "dlinear"}).model.model == "dlinear"
+    zs = load_study("zero_shot").experiment("ETTm2", 192, {"variant": "official"}, "ETTm1")
+    assert (zs.model.d_model, zs.model.memory_gate, zs.model.periodicity, zs.train.epochs) == (64, True, 24, 15)
+    assert (zs.data.dataset, zs.data.test_dataset) == ("ETTm2", "ETTm1")
     ablation = load_study("ablation")
     assert ablation.searched_keys == ["variant"] and list(ablation.variants)[0] == "full"
     switches = {v: ablation.experiment("ETTh1", 96, {"variant": v}).model for v in ablation.variants}
@@ -137,7 +147,7 @@ def test_variants_and_presets_resolve_per_cell():
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official, long_input"),
+    (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official, official_few_shot, official_zero_shot, long_input"),
     (lambda d: d.update(variants={"a": {"model.d_modle": 1}}), "variants.a.model.d_modle: not a setting"),
     (lambda d: d.update(variants={"a": {"preset": "x"}}), "variants.a.preset: unknown preset 'x'"),
     (lambda d: d.update(variants={"a": 3}), "variants.a: must map section.key"),

@@ -73,7 +73,8 @@ def _num(v: str):
 
 def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     done = df[(df["status"] == "FINISHED") & df["test_mse"].notna()]
-    by = ["dataset", "test_dataset", "percent", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else [])
+    by = ["dataset", "test_dataset", "percent", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else []) \
+        + (["model"] if "model.model" not in keys else [])  # variants may name the model (e.g. a baseline)
     agg = done.groupby(by, dropna=False).agg(
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
@@ -138,10 +139,10 @@ def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFrame:
     """Published values and our difference in % beside each matching row (see timevlm_platform.paper)."""
-    t = table if "model.model" in table else table.assign(**{"model.model": model})
+    t = table if ("model.model" in table or "model" in table) else table.assign(**{"model.model": model})
     t = t.rename(columns={"model.model": "model", "model.seq_len": "seq_len", "model.vlm": "vlm"})
-    if VARIANT_KEY in t and spec.variants:  # the first variant is the model as published
-        t[VARIANT_KEY] = t[VARIANT_KEY].replace({next(iter(spec.variants)): "full"})
+    if VARIANT_KEY in t and spec.variants:  # the paper's variants are "full" and its ablations ("w/o ...")
+        t[VARIANT_KEY] = t[VARIANT_KEY].where(t[VARIANT_KEY].astype(str).str.startswith("w/o"), "full")
     if "test_dataset" in t:  # zero-shot: trained on `dataset` (the source), tested on `test_dataset`
         zero = t["test_dataset"].notna()
         t["source"] = t["dataset"].where(zero, None)
@@ -183,13 +184,13 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
              "data, mean +- std over seeds (n); configurations selected on validation. `paper_*`: the published "
              "figure where one matches (protocol, dataset, source set, training percent, horizon, model, variant, VLM), at the paper's own settings "
              "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
-    cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
+    cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "model", "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
             "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
     cols = [c for c in cols if c in summary and not (c == "test_dataset" and summary[c].isna().all())]
     lines += [_markdown(_with_paper(summary[cols], spec, model)), ""]
     if len(summary["horizon"].unique()) > 1:
-        by = [c for c in ("dataset", "test_dataset", "percent") if c in cols] + keys + (
+        by = [c for c in ("dataset", "test_dataset", "percent") if c in cols] + keys + [c for c in ("model",) if c in cols] + (
             ["seq_len"] if "seq_len" in summary else [])  # averages match at their length
         avg = summary.groupby(by, dropna=False)[["test_mse", "test_mae"]].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
