@@ -54,3 +54,36 @@ def test_fresh_run_forgets_the_old_study_and_default_lives_beside_mlflow(tmp_pat
     forget_optuna_study(url, "timevlm-opt/opt-ETTh1-96")
     forget_optuna_study(url, "timevlm-opt/opt-ETTh1-96")  # forgetting a study that is not there is fine
     assert _searcher(url)._ot_study.trials == []
+
+
+def test_the_printed_optuna_dashboard_command_serves_the_study(tmp_path):
+    """`tune.py` prints `optuna-dashboard <storage>`: the command is installed with the project and shows the
+    study a searcher wrote."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _complete(_searcher(url), "t0", 0.7)
+    exe = shutil.which("optuna-dashboard")
+    assert exe, "optuna-dashboard is a dependency: README command 1 installs it"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, url, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "optuna-dashboard did not answer within 60 s"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["timevlm-opt/opt-ETTh1-96"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
