@@ -130,8 +130,8 @@ class DataConfig:
 
 # Weight averaging per model (`train.ema_decay: auto`), chosen on validation MSE, the only selector: offered to
 # every model in the same runs, it lowered the validation MSE of Time-VLM and PatchTST wherever measured and
-# raised DLinear's (a linear map without dropout has little step-to-step noise to average away);
-# reports/fidelity/README.md, "Weight averaging". None: off.
+# raised DLinear's (a linear map without dropout has little step-to-step noise to average away; the runs:
+# `git show f1b0a5e:reports/fidelity/README.md`, "Weight averaging"). None: off.
 EMA_DECAY_BY_MODEL: dict[str, float | None] = {"timevlm": 0.999, "dlinear": None, "patchtst": 0.999}
 
 
