@@ -311,3 +311,25 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
         img.wait_for()
         page.wait_for_function("img => img.complete && img.naturalWidth > 200", arg=img.element_handle())
         page.screenshot(path=str(tmp_path / "plot.png"))
+
+
+def test_trials_after_an_asha_stop_run_to_their_end(local_ray, tmp_path, shared_cache):
+    """ASHA stops trials mid-way. A stopped trial's driver stays blocked in its TorchTrainer for a while, so its
+    process must not be handed to the next trial (Tune's reuse would time out and fail that trial): every
+    trial ends DONE or STOPPED, none ERROR, and every one has its MLflow run."""
+    study = {**STUDY, "name": "e2e-asha", "budget": {"trials": 4, "epochs": 3},
+             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}}
+    study_file = tmp_path / "asha.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_study(load_study(str(study_file)), RunOptions(
+        tracking_uri=uri, storage_path=str(tmp_path / "ray_results"), cache_dir=shared_cache, verbose=0))
+    table = out["table"]
+    if not (table["status"] == "STOPPED").any():
+        pytest.skip(f"ASHA stopped no trial on this run, so no process was up for reuse:\n{table}")
+    assert len(table) == 4 and set(table["status"]) <= {"DONE", "STOPPED"}, table.to_string()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("timevlm-e2e-asha")
+    kids = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
+    assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids)

@@ -169,11 +169,15 @@ def _fit_group(ctx: TrialContext, resume: bool, concurrency: int, verbose: int) 
         tuner = tune.Tuner(
             trainable, param_space=space,
             # reuse_actors: a finished trial's driver process takes the next trial, so a slot does not sit
-            # idle while a new process starts and imports torch and mlflow (~6 s per trial, measured)
+            # idle while a new process starts and imports torch and mlflow (~6 s per trial, measured). Not
+            # with a scheduler that stops trials: a stopped trial's driver stays blocked in its TorchTrainer,
+            # Tune's reset of that process times out, and the trial meant to reuse it fails ("Trainable runner
+            # reuse requires reset_config() to be implemented and return True"; seen with ASHA)
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
                                         search_alg=searcher(spec, ctx.optuna_storage, ctx.optuna_study),
                                         scheduler=scheduler(spec), num_samples=num_samples(spec),
-                                        max_concurrent_trials=concurrency, reuse_actors=True),
+                                        max_concurrent_trials=concurrency,
+                                        reuse_actors=spec.scheduler.type == "fifo"),
             # Tune's own console (status tables every 30 s, each trial's config and results as boxes) is replaced
             # by one line per finished trial; verbose=2 keeps Tune's output too
             run_config=tune.RunConfig(name=ctx.run_name, storage_path=ctx.storage_path,
