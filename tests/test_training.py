@@ -216,7 +216,7 @@ def test_train_step_fused_adamw_takes_the_same_steps_and_resumes_an_unfused_stat
 
 
 def test_resume_reads_checkpoints_written_with_a_data_parallel_wrappers_keys(data_dir, shared_cache):
-    """Trials before session 6 saved their best weights from the DDP wrapper ("module.*" keys); a trial resumed
+    """Older data-parallel trials saved their best weights from the DDP wrapper ("module.*" keys); a trial resumed
     from such a checkpoint, data-parallel or not, must load them rather than fail at the end."""
     cfg = tiny(shared_cache, epochs=3)
     states = []

@@ -234,7 +234,7 @@ def _sync_buffers(ema: AveragedModel, model: nn.Module) -> nn.Module:
 def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
     """A model state_dict with the "module." prefix of a DDP wrapper removed (a copy; unprefixed ones as they
     are), so a checkpoint resumes whether it was written by a data-parallel trial or not, and whether the resumed
-    trial is one: trials before session 6 kept their best weights with the wrapper's keys."""
+    trial is one: older data-parallel checkpoints kept their best weights with the wrapper's keys."""
     state = copy.copy(state)
     torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
     return state
