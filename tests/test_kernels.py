@@ -206,19 +206,20 @@ def test_freed_memory_is_reused_without_faulting_pages_in_again():
 @needs_kernel
 def test_time_vlm_computes_the_same_with_and_without_the_kernels(monkeypatch):
     """The whole model (RAL with memory bank, local block and head; the multimodal branch): the kernel paths
-    and PyTorch's own give the same forecasts and gradients (dropout off, so the masks cannot differ)."""
+    and PyTorch's own give the same forecasts and gradients (dropout and head drop off, so no mask can differ)."""
     from timevlm.config import ModelConfig
     from timevlm.model.timevlm import build_model
     from timevlm.model.vlm.base import feature_dims
 
     cfg = ModelConfig(seq_len=96, pred_len=24, n_vars=3, periodicity=24, d_model=32, d_fusion=64, dropout=0.0,
-                      mm_dropout=0.0, memory_size=8)
+                      mm_dropout=0.0, head_drop=0.0, memory_size=8)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     vision, text = feature_dims(cfg)
     x, y = torch.randn(4, 96, 3), torch.randn(4, 24, 3)
     feats = {"vision": torch.randn(4, cfg.vision_tokens, vision), "text": torch.randn(4, 1, text)}
-    with torch.no_grad():  # open the multimodal branch's zero-initialised output so it reaches the forecast
+    with torch.no_grad():  # open the zero-initialised outputs (flatten head, multimodal) so they reach the forecast
+        model.ral.head[-1].weight.normal_(0, 0.1)
         model.multimodal.correction[-1].weight.normal_(0, 0.1)
     model(x, feats)  # the memory bank's first batch fills its slots
     slots = model.ral.memory.slots.clone()
