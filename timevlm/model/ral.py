@@ -123,11 +123,12 @@ class RAL(nn.Module):
     The summary (mean over patches) is the variable's query into the multimodal tokens.
 
     With `linear_skip` the forecast is a linear map of the window (DLinear's: trend and remainder, each mapped
-    linearly, starting as the window's mean) plus the flatten head as a residual on it: the head's output layer starts at zero, training drops the residual for
-    a `head_drop` fraction of windows (so the linear map learns to forecast alone), and `head_scale` (a buffer
-    the training loop sets on validation: 1 open, 0 closed) keeps the head only where it lowers validation
-    error. With a few hundred training windows the head's 10^5-10^6 weights fit the training windows within a
-    few steps and validation closes it; with full data it stays open.
+    linearly, starting as the window's mean) plus the flatten head as a residual on it: the head's output layer
+    starts at zero, training drops the residual for a `head_drop` fraction of windows (so the linear map learns
+    to forecast alone), and `head_scale` (a buffer the training loop sets on validation: 1 open, 0 closed) keeps
+    the head only where it lowers validation error. With a few hundred training windows the head's 10^5-10^6
+    weights fit them within a few steps and validation closes it (reports/accuracy: closed in the few-shot runs
+    and on ETTh1 512 -> 96, open on ETTh1 96 -> 96).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
