@@ -332,4 +332,8 @@ def test_trials_after_an_asha_stop_run_to_their_end(local_ray, tmp_path, shared_
     exp = client.get_experiment_by_name("timevlm-e2e-asha")
     kids = [r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
-    assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids)
+    states = {r.info.run_name: (r.info.status, r.data.tags.get("failure_reason"), r.data.tags.get(tracking.OUTCOME_TAG))
+              for r in kids}
+    assert len(kids) == 4 and all(s == "FINISHED" for s, _, _ in states.values()), f"{states}\n{table}"
+    # each trial Tune reports STOPPED, and only those, is named stopped in MLflow
+    assert sum(o is not None for _, _, o in states.values()) == (table["status"] == "STOPPED").sum(), states

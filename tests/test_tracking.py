@@ -15,15 +15,26 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     exp = c.create_experiment("timevlm-asha")
     parent = tracking.parent_run(c, exp, "asha", False, {})
     stopped = tracking.child_run(c, exp, parent, "t0", "ETTh1-96 d_model=64 #00000", {})
+    torn_down = tracking.child_run(c, exp, parent, "t2", "ETTh1-96 d_model=16 #00002", {})
     done = tracking.child_run(c, exp, parent, "t1", "ETTh1-96 d_model=32 #00001", {})
+    running = tracking.child_run(c, exp, parent, "t3", "ETTh1-96 d_model=8 #00003", {})
     tracking.log_metrics(c, stopped, {"epoch": 2, "val_mse": 0.9}, step=2)
+    tracking.log_metrics(c, torn_down, {"epoch": 1, "val_mse": 1.1}, step=1)
+    # the driver of a stopped trial can see its TorchTrainer raise during the teardown and report a failure
+    tracking.finish(c, torn_down, False, reason="TrainingFailedError: the controller was stopped")
     tracking.finish(c, done, True)
-    _close_stopped(c, exp, parent)
+    _close_stopped(c, exp, parent, {"t0", "t2"})
     run = c.get_run(stopped)
     assert run.info.status == "FINISHED"  # not FAILED, not KILLED: early stopping is a normal outcome
     assert run.info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
     assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 2"
+    run = c.get_run(torn_down)  # Tune's verdict (STOPPED) wins over the teardown's error
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 1"
     assert c.get_run(done).info.run_name == "ETTh1-96 d_model=32 #00001"  # finished trials are left alone
+    assert c.get_run(running).info.status == "RUNNING"  # no verdict of STOPPED: not called stopped
+    _close_stopped(c, exp, parent, {"t0", "t2"})  # a second call (e.g. --resume) renames nothing twice
+    assert c.get_run(stopped).info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
 
 
 def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):

@@ -197,22 +197,33 @@ def _trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str
                if r.info.end_time and r.info.end_time >= since * 1000)
 
 
-def _close_stopped(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
-    """Child runs still RUNNING after their Tuner ended were stopped early by the scheduler (ASHA). That is a
-    normal outcome, not an error: the run is FINISHED, its name and description say at which epoch it stopped."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}' "
-                                                             f"and attributes.status = 'RUNNING'")
+def _close_stopped(client: MlflowClient, experiment_id: str, parent_id: str, stopped: set[str],
+                   scheduler: str = "ASHA") -> None:
+    """Tune's verdict decides how a stopped trial's MLflow run ends. A trial the scheduler stopped early is a
+    normal outcome, not an error: its run is FINISHED and its name and description say at which epoch it
+    stopped. The run may still be RUNNING (its driver was ended before it could close the run), or FAILED: the
+    driver's TorchTrainer can raise while Tune tears the trial down, and the driver then reports the teardown
+    as a failure (seen in CI); both are corrected here. `stopped`: the trial ids Tune reports as STOPPED."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
+                              max_results=10000)
     for run in runs:
+        if run.data.tags.get(tracking.TRIAL_TAG) not in stopped or tracking.OUTCOME_TAG in run.data.tags:
+            continue
         epoch = int(run.data.metrics.get("epoch", 0))
-        outcome = f"stopped by ASHA at epoch {epoch}"
+        outcome = f"stopped by {scheduler} at epoch {epoch}"
         note = run.data.tags.get(tracking.DESCRIPTION_TAG, "")
-        tracking.safe("close stopped trial", lambda: (
+
+        def close(run=run, outcome=outcome, note=note) -> None:
             tracking.set_tags(client, run.info.run_id, {
-                tracking.OUTCOME_TAG: outcome, "stopped_by": "scheduler (ASHA early stop)",
+                tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
                 tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
-                                          f"worse part of the trials that reached that epoch."}),
-            client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]"),
-            client.set_terminated(run.info.run_id, "FINISHED")))
+                                          f"worse part of the trials that reached that epoch."})
+            if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
+                client.delete_tag(run.info.run_id, "failure_reason")
+            client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
+            client.set_terminated(run.info.run_id, "FINISHED")
+
+        tracking.safe("close stopped trial", close)
 
 
 def tracking_spool_root(storage: str, parent_run_id: str) -> str:
@@ -366,7 +377,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         tables = ray.get([fit.remote(ctx, resume, concurrency, opts.verbose) for ctx, resume in groups])
     trials_wall = time.perf_counter() - t_fit
     delivery = _deliver_journals(client, parent, spool_root, opts.tracking_wait_s)
-    _close_stopped(client, experiment_id, parent)
+    stopped = {t for table in tables for t in table.loc[table["status"] == "STOPPED", "trial"]}
+    _close_stopped(client, experiment_id, parent, stopped, spec.scheduler.type.upper())
     bests, registered = {}, []
     for (ctx, _), table in zip(groups, tables):
         cells = ctx.cells
