@@ -157,6 +157,12 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None
     grad_clip: float | None = 1.0
+    # the forecast's loss; "mse+mae" is the authors' masked-visual-modelling objective (timevlm.losses.forecast)
+    forecast_loss: Literal["mse", "mse+mae"] = "mse"
+    # Time-VLM's alignment losses on the projected vision and text tokens, added at these weights (0: off):
+    # image-text matching (timevlm.losses.itm) and word-patch alignment by optimal transport (timevlm.losses.wpa)
+    itm_weight: float = 0.0
+    wpa_weight: float = 0.0
     # an exponential moving average of the weights, updated after every step with this decay (None: off); it is
     # what validation scores, what early stopping keeps and what the test sees (torch.optim.swa_utils).
     # "auto": the model's own setting, EMA_DECAY_BY_MODEL (an ExperimentConfig writes the number in)
@@ -176,6 +182,10 @@ class TrainConfig:
                  f"ema_decay must be in (0, 1), auto or null, got {self.ema_decay!r}")
         _require(self.cache_fallback in ("error", "memory"),
                  f"cache_fallback must be error or memory, got {self.cache_fallback!r}")
+        _require(self.forecast_loss in ("mse", "mse+mae"),
+                 f"forecast_loss must be mse or mse+mae, got {self.forecast_loss!r}")
+        _require(self.itm_weight >= 0 and self.wpa_weight >= 0,
+                 f"itm_weight and wpa_weight must be >= 0, got {self.itm_weight} and {self.wpa_weight}")
         _require(self.lr_schedule in ("cosine", "halving", "constant"),
                  f"lr_schedule must be cosine, halving or constant, got {self.lr_schedule!r}")
 

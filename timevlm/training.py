@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
@@ -25,6 +24,8 @@ from timevlm.data.windows import SplitData, make_loader
 from timevlm.features import SplitFeatures
 from timevlm.kernels.build import enabled as kernels_enabled
 from timevlm.kernels.memory import keep_freed_memory
+from timevlm.losses.alignment import AlignmentLosses
+from timevlm.losses.forecast import forecast_loss
 from timevlm.metrics import mae, mse
 
 
@@ -87,6 +88,8 @@ class EpochMetrics:
     best_val_mse: float
     residual_scale: float | None = None  # Time-VLM: the multimodal residual's scale chosen on validation
     head_scale: float | None = None  # Time-VLM: the patch head's residual on the linear forecast, chosen likewise
+    itm_loss: float | None = None  # the weighted alignment losses' epoch means (in train_loss too), when on
+    wpa_loss: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -107,6 +110,7 @@ class TrainState:
     history: list[EpochMetrics] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
     ema: dict[str, Any] | None = None  # the weight average's state (train.ema_decay), None without one
+    alignment: dict[str, Any] | None = None  # the alignment losses' own weights (the ITM classifier), when on
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -259,15 +263,31 @@ def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
+def _alignment(model: nn.Module, cfg: TrainConfig, device: torch.device) -> AlignmentLosses | None:
+    """The alignment losses `cfg` asks for, on the model's projected modality tokens; None when all are off."""
+    if not (cfg.itm_weight or cfg.wpa_weight):
+        return None
+    mm = getattr(model, "multimodal", None)
+    if mm is None or mm.vision_proj is None or mm.text_proj is None:
+        raise ValueError(f"itm_weight / wpa_weight align vision with text: {type(model).__name__} needs both its "
+                         f"vision and text learners (use_val and use_tal) for them")
+    return AlignmentLosses(mm.modality.shape[-1], cfg.itm_weight, cfg.wpa_weight).to(device)
+
+
 class TrainStep:
     """One optimisation step of `fit`, in two halves so the loop can check the loss in between: `loss` (forward
-    under the configured autocast, MSE) and `update` (backward, gradient clipping, AdamW, the weight average).
-    benchmarks/step_speed.py times exactly this."""
+    under the configured autocast, the forecast's loss plus the alignment losses that are on) and `update`
+    (backward, gradient clipping, AdamW, the weight average). benchmarks/step_speed.py times exactly this."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
         self.model = model
         self.inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
+        self.alignment = _alignment(self.inner, cfg, device)
+        self.forecast_loss = cfg.forecast_loss
+        self.parts: dict[str, torch.Tensor] = {}  # the last step's weighted alignment losses, by name
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.alignment is not None:
+            self.params += list(self.alignment.parameters())
         self.opt = make_optimizer(self.params, cfg, device)
         self.ema = _weight_average(self.inner, cfg.ema_decay)
         self.amp = cfg.amp and device.type == "cuda"
@@ -277,7 +297,14 @@ class TrainStep:
 
     def loss(self, x: torch.Tensor, feats: Any, y: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.amp):
-            return F.mse_loss(self.model(x, feats).float(), y)
+            if self.alignment is None:
+                return forecast_loss(self.model(x, feats).float(), y, self.forecast_loss)
+            if feats is None:  # the end-to-end path: encode once for the forecast and the alignment
+                feats = self.inner.encode(x)
+            loss = forecast_loss(self.model(x, feats).float(), y, self.forecast_loss)
+            vision, text = self.inner.modality_tokens(x, feats)
+            self.parts = self.alignment(vision.float(), text.float())
+            return loss + sum(self.parts.values())
 
     def update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -293,9 +320,10 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         train_feats: SplitFeatures | None = None, val_feats: SplitFeatures | None = None,
         on_epoch_end: Callable[[EpochMetrics, TrainState, bool], None] | None = None,
         resume: TrainState | None = None) -> FitResult:
-    """Train with MSE loss; after each epoch evaluate on validation, keep the best weights, stop after
-    `patience` epochs without improvement, and load the best weights back into `model` at the end. With
-    `cfg.ema_decay` the weights validated, kept and loaded back are the moving average of the trained ones."""
+    """Train with `cfg.forecast_loss` (MSE by default) plus the alignment losses that are on; after each epoch
+    evaluate on validation, keep the best weights, stop after `patience` epochs without improvement, and load the
+    best weights back into `model` at the end. With `cfg.ema_decay` the weights validated, kept and loaded back
+    are the moving average of the trained ones."""
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -304,6 +332,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     train_step = TrainStep(model, cfg, device)
     opt, ema, inner, amp = train_step.opt, train_step.ema, train_step.inner, train_step.amp
+    alignment = train_step.alignment
 
     if resume is not None:
         inner.load_state_dict(_unwrapped(resume.model))
@@ -315,6 +344,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             loader.generator.set_state(resume.rng["loader"])
         if ema is not None and resume.ema is not None:
             ema.load_state_dict(resume.ema)
+        if alignment is not None and resume.alignment is not None:
+            alignment.load_state_dict(resume.alignment)
     else:
         start, best_val, best_epoch, bad, history = 0, float("inf"), -1, 0, []
         best_state = copy.deepcopy(inner.state_dict())
@@ -327,7 +358,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         lr = cfg.lr * _lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
         set_learning_rate(opt, lr)
         _train_mode(model)
-        t0, total, count = time.perf_counter(), 0.0, 0
+        t0, total, count, aligned = time.perf_counter(), 0.0, 0, {}
         bar = tqdm(loader, disable=not cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (idx, x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
@@ -337,6 +368,8 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             train_step.update(loss)
             total += loss.item() * len(x)
             count += len(x)
+            for name, part in train_step.parts.items():
+                aligned[name] = aligned.get(name, 0.0) + part.item() * len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
         scored = model if ema is None else _sync_buffers(ema, inner)  # model: DDP's forward syncs buffers
         scores = validate(scored, val, val_feats, max(cfg.batch_size, 256), device, amp)
@@ -348,12 +381,14 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],
                          val_mae=scores["mae"], lr=lr, seconds=time.perf_counter() - t0, best_val_mse=best_val,
-                         residual_scale=scores.get("residual_scale"), head_scale=scores.get("head_scale"))
+                         residual_scale=scores.get("residual_scale"), head_scale=scores.get("head_scale"),
+                         **{f"{name}_loss": value / max(count, 1) for name, value in aligned.items()})
         history.append(m)
         if on_epoch_end is not None:
             state = TrainState(epoch + 1, model.state_dict(), opt.state_dict(), best_state, best_val, best_epoch,
                                bad, history, {"torch": torch.get_rng_state(), "loader": loader.generator.get_state()},
-                               None if ema is None else ema.state_dict())
+                               None if ema is None else ema.state_dict(),
+                               None if alignment is None else alignment.state_dict())
             on_epoch_end(m, state, improved)
     inner.load_state_dict(best_state)
     return FitResult(history, best_epoch + 1, best_val, stopped_early)

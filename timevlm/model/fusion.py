@@ -50,15 +50,19 @@ class MultimodalResidual(nn.Module):
         delta = self.residual(summary, vision, text)
         return delta if temporal is None else temporal + self.scale * delta
 
+    def project(self, vision: torch.Tensor | None,
+                text: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The VLM's tokens in the branch's width, marked by modality: vision [B, Kv, F], text [B, Kt, F] (None for
+        a branch that is off). What the cross-attention reads, and what the alignment losses align."""
+        v = self.vision_proj(vision) + self.modality[0] if self.vision_proj is not None else None
+        t = self.text_proj(text) + self.modality[1] if self.text_proj is not None else None
+        return v, t
+
     def residual(self, summary: torch.Tensor | None, vision: torch.Tensor | None,
                  text: torch.Tensor | None) -> torch.Tensor:
         """The gated correction (gate x correction, [B, N, pred_len]) that `forward` adds to the temporal
         forecast at `scale`; without RAL, the multimodal forecast itself."""
-        tokens = []
-        if self.vision_proj is not None:
-            tokens.append(self.vision_proj(vision) + self.modality[0])
-        if self.text_proj is not None:
-            tokens.append(self.text_proj(text) + self.modality[1])
+        tokens = [t for t in self.project(vision, text) if t is not None]
         mm = self.mm_norm(self.token_drop(torch.cat(tokens, dim=1)))  # [B, Kv + Kt, F]
         batch = mm.shape[0]
         query = self.var_embed.unsqueeze(0).expand(batch, -1, -1)

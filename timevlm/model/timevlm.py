@@ -77,12 +77,25 @@ class TimeVLM(nn.Module):
         mean = x.mean(1, keepdim=True).detach()
         std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach() / self.cfg.norm_const
         if self.uses_features and features is None:
-            if self._encoder is None:
-                raise RuntimeError("TimeVLM needs VLM features: pass `features` or attach_encoder() first")
-            features = self._encoder(x)
+            features = self.encode(x)
         vision = features["vision"].to(x.device, x.dtype) if features and self.cfg.use_val else None
         text = features["text"].to(x.device, x.dtype) if features and self.cfg.use_tal else None
         return mean, std, (x - mean) / std, vision, text
+
+    def encode(self, x: torch.Tensor) -> Features:
+        """The frozen VLM's features for x from the attached encoder (the end-to-end path)."""
+        if self._encoder is None:
+            raise RuntimeError("TimeVLM needs VLM features: pass `features` or attach_encoder() first")
+        return self._encoder(x)
+
+    def modality_tokens(self, x: torch.Tensor,
+                        features: Features | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The projected vision and text tokens of the multimodal branch for x (`MultimodalResidual.project`),
+        for the alignment losses; (None, None) without the branch."""
+        if self.multimodal is None:
+            return None, None
+        _, _, _, vision, text = self._inputs(x, features)
+        return self.multimodal.project(vision, text)
 
     def forecast_parts(self, x: torch.Tensor, features: Features | None = None) -> dict[str, torch.Tensor]:
         """Eval: the forecast's parts in normalised space ([B, N, pred_len]): "base" (the linear forecast, or the
