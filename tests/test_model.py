@@ -101,9 +101,9 @@ def test_closed_gate_gives_exactly_the_temporal_forecast():
     torch.testing.assert_close(full(x, f), temporal_only(x))
     opened(full)
     assert not torch.allclose(full(x, f), temporal_only(x), atol=1e-4)
-    full.set_residual_scale(0.0)  # closed by the validation choice
+    full.set_switch("residual_scale", 0.0)  # closed by the validation choice
     torch.testing.assert_close(full(x, f), temporal_only(x))
-    full.set_residual_scale(1.0)
+    full.set_switch("residual_scale", 1.0)
     with torch.no_grad():
         full.multimodal.gate.bias.fill_(-1e4)  # closed by the gate itself
     torch.testing.assert_close(full(x, f), temporal_only(x))

@@ -120,13 +120,13 @@ def test_validation_keeps_the_multimodal_residual_only_where_it_helps(data_dir, 
     model, val, feats = p.model, p.splits["val"], p.features["val"]
     with torch.no_grad():
         torch.nn.init.normal_(model.multimodal.correction[-1].weight, std=5.0)  # a harmful correction
-    model.set_residual_scale(0.0)
+    model.set_switch("residual_scale", 0.0)
     closed = evaluate(model, val, feats)["mse"]
-    model.set_residual_scale(1.0)
+    model.set_switch("residual_scale", 1.0)
     opened = evaluate(model, val, feats)["mse"]
     assert opened > closed
     scores = validate(model, val, feats, 256, torch.device("cpu"), False)
-    assert scores["residual_scale"] == 0.0 and scores["mse"] == closed and model.residual_scale == 0.0
+    assert scores["residual_scale"] == 0.0 and scores["mse"] == closed and model.switch_values["residual_scale"] == 0.0
     with torch.no_grad():
         model.multimodal.correction[-1].weight.zero_()  # a harmless one (zero): ties keep it open
     assert validate(model, val, feats, 256, torch.device("cpu"), False)["residual_scale"] == 1.0

@@ -1,6 +1,6 @@
 """The frozen half of Time-VLM: window -> (VAL image, TAL prompt) -> VLM token features.
 
-With no learnable part and no gradient, its output depends only on the window and on `settings()`;
+With no learnable part and no gradient, its output depends only on the window and on `encoder_settings`;
 `timevlm.features` caches it on that basis.
 """
 from __future__ import annotations
@@ -45,9 +45,6 @@ class MultimodalEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.adapter.parameters()).device
-
-    def settings(self) -> dict[str, object]:
-        return encoder_settings(self.cfg, self.freq)
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         return series_to_image(x, self.cfg.periodicity, self.cfg.image_size, self.cfg.top_k_freqs)

@@ -20,8 +20,6 @@ class TimeVLM(nn.Module):
     The encoder is deliberately not a submodule: its weights are frozen and never checkpointed.
     """
 
-    needs_features = True
-
     def __init__(self, cfg: ModelConfig, vision_dim: int, text_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -54,16 +52,9 @@ class TimeVLM(nn.Module):
     def set_switch(self, name: str, value: float) -> None:
         self._switch_buffers()[name].fill_(value)
 
-    def set_residual_scale(self, scale: float) -> None:
-        self.set_switch("residual_scale", scale)
-
     @property
     def switch_values(self) -> dict[str, float]:
         return {name: float(buf) for name, buf in self._switch_buffers().items()}
-
-    @property
-    def residual_scale(self) -> float | None:
-        return self.switch_values.get("residual_scale")
 
     def forward(self, x: torch.Tensor, features: Features | None = None) -> torch.Tensor:
         if self.training:  # the RAL drops its head's residual per window; every switch is open in training
