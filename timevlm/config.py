@@ -150,9 +150,8 @@ class TrainConfig:
     patience: int = 3
     lr_schedule: Literal["cosine", "halving", "constant"] = "cosine"
     seed: int = 2021
-    # bf16 autocast, CUDA only. Off by default: on an H200 our batch-32 step is launch-bound and ran 0.0091 s/iter
-    # in fp32 against 0.0095 with bf16 autocast (0.0078 against 0.0065 with CUDA graphs; benchmarks/step_speed.py,
-    # reports/speed); on CPU (even with native bf16, avx512_bf16) bf16 matrix products ran at half the fp32 rate
+    # bf16 autocast, CUDA only; off by default, since it did not speed up our launch-bound batch-32 step on an
+    # H200 (benchmarks/step_speed.py, reports/speed)
     amp: bool = False
     device: str = "auto"
     num_threads: int | None = None

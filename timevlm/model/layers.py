@@ -1,23 +1,15 @@
-"""Building blocks the training step spends its time in, made cheap on CPU.
+"""Dropout and multi-head attention in the forms the training step runs fastest on CPU.
 
-`Dropout`: `nn.Dropout` draws one random number per element through the CPU generator, which on a 2-core
-machine cost more than all the step's matrix products together (39% of a seq_len-512 step). This one draws
-64-bit random words and cuts each into four 16-bit draws; an element is kept with probability 1 - p (p
-rounded to 1/65536), and kept ones are scaled by 1/(1 - p), as `nn.Dropout` does. The words come from
-NumPy's SFC64 generator, seeded per call from torch's CPU generator (so `torch.manual_seed` still decides
-every mask): it fills them 2.2x faster than torch's Mersenne Twister (1.0 against 2.2 ms for a seq_len-512
-step's 1.8M elements). NumPy also turns the draws into the scaled float mask (compare, then one multiply that
-casts): 0.9 ms against 2.8 ms for torch's int16 compare, bool-to-float copy and scaling on one thread (the
-same mask, bit for bit). Where the CPU kernels build (timevlm/kernels, fp32), the mask is not drawn at all: a
-hash of a key from torch's generator and each element's index decides it inside the one sweep that applies
-it, forward and backward alike (the same keep probability, no mask in memory; 4-5 ms less a seq_len-512
-step). Off the CPU it is `F.dropout` (the GPU generator is fast).
+`Dropout`: keeps an element with probability 1 - p (p rounded to 1/65536) and scales kept ones by 1/(1 - p),
+as `nn.Dropout` does; `torch.manual_seed` decides every mask. On CPU the mask comes from NumPy's SFC64
+generator (64-bit words cut into four 16-bit draws), seeded per call from torch's CPU generator; where the CPU
+kernels build (timevlm/kernels, fp32) no mask is drawn: a hash of a key from torch's generator and each
+element's index decides it inside the sweep that applies it, forward and backward alike. Off the CPU it is
+`F.dropout`. Why and by how much: reports/speed.
 
 `multihead_attention`: the projections of an `nn.MultiheadAttention` (so state_dicts keep their names) around
-`F.scaled_dot_product_attention` without attention dropout, which lets PyTorch take its fused kernel; a random
-mask over every head's query x key weights was the other large cost of the step on CPU. Self-attention on
-the CPU in fp32 goes to `timevlm::self_attention` (timevlm/kernels) instead, which reads the packed
-projection as it is and writes its gradient the same way.
+`F.scaled_dot_product_attention` without attention dropout (PyTorch's fused kernel); self-attention on the CPU
+in fp32 goes to `timevlm::self_attention` (timevlm/kernels), which reads the packed projection as it is.
 """
 from __future__ import annotations
 
