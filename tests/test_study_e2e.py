@@ -110,9 +110,12 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
     assert len(best) == 1
     assert best[0].data.metrics["best_val_mse"] == min(c.data.metrics["best_val_mse"] for c in children)
     assert parents[0].data.tags["best.ETTh1.24.run_id"] == best[0].info.run_id
-    # the study's row carries the trials' metric names: the best trial's values
+    assert best[0].info.run_name.endswith(" [best]")  # marked where the runs table shows it
+    assert not any(c.info.run_name.endswith(" [best]") for c in children if c is not best[0])
+    # the study's row carries the best trial's values under its own names, so it never ties with that trial
     for k in ("best_val_mse", "test_mse", "test_mae"):
-        assert parents[0].data.metrics[k] == pytest.approx(best[0].data.metrics[k])
+        assert parents[0].data.metrics[f"study/{k}"] == pytest.approx(best[0].data.metrics[k])
+        assert k not in parents[0].data.metrics
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # Optuna really sampled, and no configuration was handed out twice
     assert len({c.data.tags[tracking.SEARCHED_TAG] for c in children}) == 3
@@ -126,6 +129,15 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
     mv = client.get_model_version_by_alias("timevlm-e2e-ETTh1-24", "best")
     assert mv.run_id == best[0].info.run_id and float(mv.tags["test_mse"]) == pytest.approx(
         best[0].data.metrics["test_mse"])
+    # ... from its logged model, which is named after the trial, carries its parameters and test metrics, and
+    # links back to the version (what its page in the UI shows)
+    logged = client.get_logged_model(best[0].data.tags[tracking.MODEL_URI_TAG].removeprefix("models:/"))
+    assert mv.source == f"models:/{logged.model_id}" and logged.name.startswith("ETTh1-24_")
+    assert f"_norm_const-{float(best[0].data.params['model.norm_const']):g}_".replace(".", "p") in logged.name
+    assert logged.params["model.norm_const"] == best[0].data.params["model.norm_const"]
+    assert {m.key: m.value for m in logged.metrics}["test_mse"] == pytest.approx(best[0].data.metrics["test_mse"])
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "timevlm-e2e-ETTh1-24",
+                                                                "version": int(mv.version)}]
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/timevlm-e2e-ETTh1-24@best")
     test = build_splits(DataConfig(dataset="ETTh1", max_windows=96), 48, 24)["test"]
@@ -276,8 +288,8 @@ def test_data_parallel_trial_trains_one_model_on_disjoint_shards(local_ray, tmp_
 
 def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
     """The tiny study's store served by a real `mlflow server`, opened in headless Chromium at the link tune.py
-    prints: the experiment's runs with the study's columns, the parent run over its nested trials; the
-    registered model and a trial's forecast plot render."""
+    prints: the experiment's runs with the study's columns, sorted by validation MSE with the best trial first
+    and marked, the study's run after its trials; the registered model and a trial's forecast plot render."""
     from browser import chromium_page, why_no_browser
     from mlflow_server import mlflow_server
 
@@ -290,11 +302,17 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
     # wide enough for every column: the runs table renders only the columns in view
     with mlflow_server(opts.tracking_uri, tmp_path / "server.log") as base, chromium_page(2600) as page:
         page.goto(tracking.experiment_url(base, out["experiment_id"]))
-        parent = page.get_by_role("link", name=spec.name, exact=True).first  # the study's run, its trials nested
-        parent.locator("xpath=ancestor::div[@role='gridcell']").locator(
-            "button[data-component-id*='runnamecellrenderer']").click()  # its expander
-        for kid in kids:
-            page.get_by_role("link", name=kid.info.run_name, exact=True).first.wait_for()
+        # the link opens on the trials sorted by validation MSE: the best one (marked) first, the study's run last
+        order = sorted(kids, key=lambda k: k.data.metrics["best_val_mse"])
+        assert order[0].info.run_name.endswith(" [best]")
+        rows = {}
+        for run in order + [r for r in client.search_runs([out["experiment_id"]])
+                            if r.info.run_id == out["parent_run_id"]]:
+            link = page.get_by_role("link", name=run.info.run_name, exact=True).first
+            link.wait_for()
+            rows[run.info.run_name] = int(link.locator("xpath=ancestor::div[@role='row']").first.get_attribute(
+                "row-index"))
+        assert list(rows) == sorted(rows, key=rows.get), rows
         for column in ("metrics.`best_val_mse`", "metrics.`test_mse`", "params.`model.norm_const`"):  # the view's
             page.locator(f"[role=columnheader][col-id='{column}']").first.wait_for()
         page.screenshot(path=str(tmp_path / "runs.png"))
@@ -305,6 +323,12 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
         page.screenshot(path=str(tmp_path / "model.png"))
 
         best = next(k for k in kids if k.data.tags.get(tracking.BEST_TAG) == "true")
+        # the best trial's logged model page names its registered version (the model and the registry are linked)
+        model_id = best.data.tags[tracking.MODEL_URI_TAG].removeprefix("models:/")
+        page.goto(f"{base}/#/experiments/{out['experiment_id']}/models/{model_id}?workflowType=machine_learning")
+        page.get_by_text("timevlm-e2e-ETTh1-24").first.wait_for()
+        page.screenshot(path=str(tmp_path / "logged_model.png"))
+
         page.goto(f"{base}/#/experiments/{out['experiment_id']}/runs/{best.info.run_id}/artifacts/plots/"
                   "forecast_test.png?workflowType=machine_learning")
         img = page.locator("img[src*='forecast_test.png'], img[src^='blob:']").first

@@ -44,6 +44,7 @@ def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):
     tags = c.get_experiment(exp).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`best_val_mse`", True)  # best first
     assert view["selectedColumns"][:5] == ["metrics.`best_val_mse`", "metrics.`test_mse`", "metrics.`test_mae`",
                                            "params.`model.d_model`", "params.`variant`"]
     assert tracking.experiment_url("http://h:5000/", exp) == (
@@ -60,3 +61,55 @@ def test_one_console_line_per_trial_outcome():
     stopped = trial_line("ETTh1-96", cfg, "t_00004", {"epoch": 1, "best_val_mse": 0.9}, "best_val_mse", "DONE", 3)
     assert "stopped by ASHA at epoch 1" in stopped
     assert "failed after 2 epoch(s)" in trial_line("ETTh1-96", cfg, "t_5", {"epoch": 2}, "best_val_mse", "ERROR", 4)
+
+
+def test_a_trials_logged_model_carries_its_name_params_metrics_and_registered_version(tmp_path):
+    from timevlm_platform import model_logging
+    from timevlm_platform.spool import DurableRun
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("timevlm-models", artifact_location=str(tmp_path / "artifacts"))
+    parent = tracking.parent_run(c, exp, "s", False, {})
+    run_id = tracking.child_run(c, exp, parent, "t0", "ETTh1-96 norm_const=0.4 #00003", {})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    run = DurableRun(c, run_id, tmp_path / "spool")
+    name = model_logging.logged_model_name("ETTh1-96 norm_const=0.4 #00003")
+    assert name == "ETTh1-96_norm_const-0p4_00003"  # MLflow refuses "." in a logged model's name
+    uri_a = run.log_model(folder, name=name, params={"model.d_model": 64}, metrics={"test_mse": 0.42, "n": True})
+    assert run.log_model(folder, name=name) == uri_a  # a replayed call finds its model, makes no second one
+    model = c.get_logged_model(uri_a.removeprefix("models:/"))
+    assert model.name == name and model.params == {"model.d_model": "64"}
+    assert {m.key: m.value for m in model.metrics} == {"test_mse": 0.42}
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    version = model_logging.register_best(c, uri, "timevlm-s-ETTh1-96", uri_a, run_id, {"test_mse": 0.42}, "best")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before  # the process-wide URIs put back
+    mv = c.get_model_version("timevlm-s-ETTh1-96", version)
+    assert (mv.source, mv.run_id, mv.description) == (uri_a, run_id, "best")  # registered from models:/<id>
+    links = json.loads(c.get_logged_model(model.model_id).tags["mlflow.modelVersions"])
+    assert links == [{"name": "timevlm-s-ETTh1-96", "version": int(version)}]  # what the model's page shows
+    assert str(c.get_model_version_by_alias("timevlm-s-ETTh1-96", "best").version) == version
+
+
+def test_a_call_mlflow_refuses_is_reported_and_skipped_not_kept_ahead_of_the_rest(tmp_path, capsys):
+    from timevlm_platform.spool import DurableRun
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = c.create_experiment("timevlm-refused")
+    run_id = tracking.child_run(c, exp, tracking.parent_run(c, exp, "s", False, {}), "t0", "t0", {})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    run = DurableRun(c, run_id, tmp_path / "spool")
+    assert run.log_model(folder, name="bad.name") is None  # refused: the server is up, the call is wrong
+    assert "MLflow refused run" in capsys.readouterr().err and not run.pending()
+    # a refused call already in a journal (kept during an outage) is skipped when it is replayed
+    run._append("model", {"path": str(folder), "name": "bad.name", "params": {}, "metrics": {}})
+    run._append("metrics", {"points": [["test_mse", 0.5, 1, 0]]})
+    run.terminate(True)
+    assert not run.pending() and c.get_run(run_id).info.status == "FINISHED"
+    assert c.get_run(run_id).data.metrics["test_mse"] == 0.5

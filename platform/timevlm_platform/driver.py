@@ -114,14 +114,17 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
          tracking.DESCRIPTION_TAG: trial_description(spec, cell, exp, searched),
          "data_dir": ctx.data_dir, "feature_cache": ctx.cache_dir, **tracking.source_tags()}))
     run = DurableRun(client, run_id, ctx.spool_root) if run_id else None
+    params = resolved_params(exp, searched)
     if run is not None:
-        run.log_params(resolved_params(exp, searched))
+        run.log_params(params)
     res = spec.resources
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": exp.to_dict(), "tracking_uri": ctx.tracking_uri, "run_id": run_id,
                            # a trial's end waits briefly for an away server; the study's end waits longer
-                           "spool_root": ctx.spool_root, "flush_timeout_s": min(ctx.tracking_wait_s, 20.0)},
+                           "spool_root": ctx.spool_root, "flush_timeout_s": min(ctx.tracking_wait_s, 20.0),
+                           # the trial's logged model carries its name and parameters
+                           "model_name": trial_run_name(cell, config, trial_id), "model_params": params},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker,

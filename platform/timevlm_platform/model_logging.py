@@ -3,17 +3,22 @@ library as code, the feature-cache keys and resolved config as metadata), regist
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import json
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
 import torch
 from mlflow.models import infer_signature
+# MLflow's own scoped switch of the process-wide tracking URI (the registry follows it unless a user set one)
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.tracking import MlflowClient
 
 import timevlm
@@ -70,25 +75,34 @@ def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path
     return dest
 
 
+def logged_model_name(trial_name: str) -> str:
+    """A trial's run name as a logged model's name (letters, digits, `_-`; MLflow refuses `.` in it), e.g.
+    `ETTh1-96_norm_const-0p4_00003`."""
+    name = trial_name.replace("=", "-").replace(" #", "_").replace(".", "p")
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
+    return name or MODEL_NAME
+
+
 def registered_name(study: str, cell_label: str) -> str:
     """A registry name derived from the study and cell, e.g. `timevlm-default-ETTh1-96`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"timevlm-{study}-{cell_label}")
 
 
-def register_best(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, Any],
-                  description: str) -> str:
-    """Register a cell's best trial model as a new version of `name` with its metrics as tags, and point the
-    `best` alias at it. Returns the version."""
-    if not _exists(client, name):
-        client.create_registered_model(name, description=description)
-    for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        return str(mv.version)  # already registered (a resumed study): no second version of the same model
-    model_id, source = None, model_uri
-    if model_uri.startswith("models:/"):  # a logged model: register its files (the store resolves `models:/`
-        model_id = model_uri[len("models:/"):]  # through the process-wide tracking URI, not this client's)
-        source = client.get_logged_model(model_id).artifact_location
-    mv = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                     description=description, model_id=model_id)
+def register_best(client: MlflowClient, tracking_uri: str, name: str, model_uri: str, run_id: str,
+                  tags: dict[str, Any], description: str) -> str:
+    """Register a cell's best trial model (its logged model's `models:/<model_id>` URI) as a new version of `name`
+    with its metrics as tags, and point the `best` alias at it. MLflow's own `register_model` does it, so the
+    version and the logged model link each other (the logged model's page shows the version). Returns the
+    version."""
+    if _exists(client, name):
+        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return str(mv.version)  # already registered (a resumed study): no second version of the same model
+    # register_model resolves `models:/` through the process-wide URI; its two lines on stderr ("Successfully
+    # registered ...", "Created version ...") are said by the study's own line instead
+    with _use_tracking_uri(tracking_uri), contextlib.redirect_stderr(io.StringIO()):
+        mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client.update_registered_model(name, description=description)
+    client.update_model_version(name, mv.version, description=description)
     client.set_registered_model_alias(name, "best", mv.version)
     return str(mv.version)
 

@@ -306,7 +306,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
         "metric": spec.metric, "seed": spec.seed, "search": "; ".join(f"{p.key}~{p.kind}{p.args}" for p in spec.search),
         **{f"fixed.{s}.{k}": v for s, vals in spec.fixed.items() for k, v in vals.items()}},
         tags={tracking.DESCRIPTION_TAG: study_description(spec), **tracking.source_tags()})
-    tracking.setup_experiment(client, experiment_id, study_description(spec), spec.metric, spec.searched_keys)
+    tracking.setup_experiment(client, experiment_id, study_description(spec), spec.metric, spec.searched_keys,
+                              ascending=spec.mode == "min")
     optuna_storage = opts.optuna_storage or os.environ.get("TIMEVLM_OPTUNA_STORAGE") or default_optuna_storage(
         tracking_uri, home)
     spool_root = tracking_spool_root(storage, parent)
@@ -390,7 +391,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
             if len(ok):
                 best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
                 bests[label] = best
-                name = _tag_best(client, experiment_id, parent, spec, cell, best, many_cells=len(spec.cells()) > 1)
+                name = _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best,
+                                 many_cells=len(spec.cells()) > 1)
                 registered += [name] if name else []
     _log_study_metrics(client, parent, spec, bests)
 
@@ -415,7 +417,10 @@ def _metric_values(best, keys) -> dict[str, float]:
             if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
 
 
-def _tag_best(client, experiment_id, parent, spec, cell, best, many_cells: bool) -> str | None:
+BEST_MARK = " [best]"
+
+
+def _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best, many_cells: bool) -> str | None:
     """Mark a cell's best trial (by validation), register its model, and note it on the study's run; returns the
     registered model's name."""
     registered = None
@@ -426,12 +431,17 @@ def _tag_best(client, experiment_id, parent, spec, cell, best, many_cells: bool)
     metrics = _metric_values(best, (spec.metric, "test_mse", "test_mae"))
     if run is not None:
         tags[f"{prefix}.run_id"] = run.info.run_id
-        tracking.safe("tag best trial", lambda: tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"}))
+        def mark() -> None:  # the best trial says so in its name, which the runs table shows first
+            tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"})
+            if not run.info.run_name.endswith(BEST_MARK):
+                client.update_run(run.info.run_id, name=f"{run.info.run_name}{BEST_MARK}")
+
+        tracking.safe("tag best trial", mark)
         model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
         if model_uri:
             name = model_logging.registered_name(spec.name, cell.label)
             version = tracking.safe("register best model", lambda: model_logging.register_best(
-                client, name, model_uri, run.info.run_id,
+                client, tracking_uri, name, model_uri, run.info.run_id,
                 {**metrics, "trial": best["trial"], "study": spec.name, "cell": cell.label,
                  **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}},
                 f"Best trial of study {spec.name} on {cell.label}, chosen on validation {spec.metric}."))
@@ -448,12 +458,12 @@ def _tag_best(client, experiment_id, parent, spec, cell, best, many_cells: bool)
 
 
 def _log_study_metrics(client, parent, spec, bests: dict) -> None:
-    """The study run's metrics carry the trials' names (best_val_mse, test_mse, test_mae), so the parent row of
-    the runs table fills the same columns: the best trial's values, averaged over cells when there are several
-    (the paper's "average over horizons" rows)."""
+    """The study's result on its run: the best trials' values, averaged over cells when there are several (the
+    paper's "average over horizons" rows), as `study/<metric>`: under the trials' own names the study's row
+    would tie with its best trial when the runs are sorted or charted by them."""
     per_cell = [_metric_values(b, (spec.metric, "test_mse", "test_mae")) for b in bests.values()]
     keys = set().union(*per_cell) if per_cell else set()
-    means = {k: float(np.mean([m[k] for m in per_cell if k in m])) for k in keys}
+    means = {f"study/{k}": float(np.mean([m[k] for m in per_cell if k in m])) for k in keys}
     tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, means))
 
 

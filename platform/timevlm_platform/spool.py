@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
-
-SPOOL_ENV = "TIMEVLM_TRACKING_SPOOL"
-
 
 def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
@@ -46,15 +44,27 @@ def _inputs(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
         for d in datasets])
 
 
-def _model(client: MlflowClient, run_id: str, path: str, name: str) -> str:
-    """Publish a model saved on disk as the run's logged model; tags the run with its URI, returns it."""
+def _model(client: MlflowClient, run_id: str, path: str, name: str, params: dict[str, str] | None = None,
+           metrics: dict[str, float] | None = None) -> str:
+    """Publish a model saved on disk as the run's logged model, with the trial's parameters and metrics on it
+    (its page in MLflow shows them); tags the run with its URI, returns it. A replay after an outage finds the
+    model it already created (by name, on this run) instead of making a second one."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     experiment_id = client.get_run(run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="forecaster")
-    client.log_model_artifacts(model.model_id, path)
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    model = next((m for m in found if m.name == name), None) or client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type="forecaster", params=params)
+    if model.status != LoggedModelStatus.READY:
+        client.log_model_artifacts(model.model_id, path)
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    outputs = client.get_run(run_id).outputs
+    if model.model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id)
+                                          for k, v in metrics.items()])
     uri = f"models:/{model.model_id}"
     client.set_tag(run_id, tracking.MODEL_URI_TAG, uri)
     return uri
@@ -62,6 +72,22 @@ def _model(client: MlflowClient, run_id: str, path: str, name: str) -> str:
 
 def _terminate(client: MlflowClient, run_id: str, status: str, end_time: int) -> None:
     client.set_terminated(run_id, status=status, end_time=end_time)
+
+
+# Answers that say the server is up and refuses the call itself: sending it again cannot succeed, so it is
+# reported and skipped (never kept, where it would hold back every call after it), unlike an outage
+REJECTIONS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+              "INVALID_STATE", "PERMISSION_DENIED")
+
+
+def rejected(e: Exception) -> bool:
+    return isinstance(e, MlflowException) and e.error_code in REJECTIONS
+
+
+def _report_rejection(run_id: str, op: str, e: Exception) -> None:
+    tracking.LogFailures.count += 1
+    print(f"[timevlm-platform] WARNING: MLflow refused run {run_id[:8]}'s {op} call, which is skipped: "
+          f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
 
 
 OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": tracking.log_params, "tags": tracking.set_tags,
@@ -104,8 +130,12 @@ class DurableRun:
     def log_inputs(self, datasets: list[dict]) -> None:
         self.call("inputs", datasets=datasets)
 
-    def log_model(self, path: str | Path, name: str = "model") -> str | None:
-        return self.call("model", path=str(path), name=name)
+    def log_model(self, path: str | Path, name: str = "model", params: dict[str, Any] | None = None,
+                  metrics: dict[str, float] | None = None) -> str | None:
+        return self.call("model", path=str(path), name=name,
+                         params={k: str(v)[:6000] for k, v in (params or {}).items()},
+                         metrics={k: float(v) for k, v in (metrics or {}).items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def terminate(self, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
@@ -125,6 +155,9 @@ class DurableRun:
             try:
                 return OPS[op](self.client, self.run_id, **kw)
             except Exception as e:  # noqa: BLE001 - the server or network is away: keep the call
+                if rejected(e):
+                    _report_rejection(self.run_id, op, e)
+                    return None
                 if attempt == self.retries - 1:
                     self._append(op, kw)
                     print(f"[timevlm-platform] MLflow is not answering ({type(e).__name__}); run {self.run_id[:8]}'s "
@@ -156,7 +189,10 @@ class DurableRun:
             entry = json.loads(line)
             try:
                 OPS[entry["op"]](self.client, self.run_id, **entry["kw"])
-            except Exception:  # noqa: BLE001 - still away: keep the rest, in order
+            except Exception as e:  # noqa: BLE001 - still away: keep the rest, in order
+                if rejected(e):
+                    _report_rejection(self.run_id, entry["op"], e)
+                    continue
                 tmp = self.journal.with_suffix(".tmp")
                 tmp.write_text("".join(rest + "\n" for rest in lines[i:]))
                 tmp.replace(self.journal)

@@ -65,14 +65,15 @@ def _version() -> str:
 
 
 def setup_experiment(client: MlflowClient, experiment_id: str, description: str, metric: str,
-                     searched: list[str]) -> None:
+                     searched: list[str], ascending: bool = True) -> None:
     """Make the experiment open as what it is: a model-training experiment (MLflow 3 otherwise opens an empty
-    GenAI overview), described, with a shared view whose runs table shows the columns a study is read by."""
+    GenAI overview), described, with a shared view whose runs table shows the columns a study is read by, sorted
+    by the validation metric, best first. Sorted by a metric the UI lists runs flat (not nested under the study's
+    run); the study's run has no value under the trials' metric names (its own are `study/...`), so it sorts
+    after them instead of tying with its best trial."""
     columns = [f"metrics.`{m}`" for m in (metric, "test_mse", "test_mae")]
     columns += [f"params.`{k}`" for k in searched] + ["attributes.`Models`", "attributes.`Dataset`"]
-    # Sorted by creation (MLflow's default): the UI nests trials under the study's run only in that order (sorted
-    # by a metric, parents and children are listed flat). The UI does not take expanded rows from a shared view.
-    view = {"selectedColumns": columns}
+    view = {"selectedColumns": columns, "orderByKey": f"metrics.`{metric}`", "orderByAsc": ascending}
     for key, value in {"mlflow.experimentKind": "custom_model_development", DESCRIPTION_TAG: description,
                        f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}.items():
         client.set_experiment_tag(experiment_id, key, value)

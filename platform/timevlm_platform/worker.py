@@ -126,12 +126,16 @@ def _dataset_inputs(p: Prepared) -> list[dict]:
     return inputs
 
 
-def _log_model_and_plot(run: DurableRun, p: Prepared, model: torch.nn.Module) -> None:
+def _log_model_and_plot(run: DurableRun, p: Prepared, model: torch.nn.Module, config: dict[str, Any],
+                        metrics: dict[str, float]) -> None:
     """The trained model as an MLflow model (reloadable with mlflow.pyfunc.load_model; its URI becomes a run
-    tag) and a forecast-vs-truth plot of three test windows."""
+    tag), named after its trial and carrying the trial's parameters and test metrics, and a forecast-vs-truth
+    plot of three test windows."""
     with tempfile.TemporaryDirectory() as d:
         try:
-            run.log_model(model_logging.save_forecast_model(p, model, Path(d) / "model"))
+            run.log_model(model_logging.save_forecast_model(p, model, Path(d) / "model"),
+                          name=model_logging.logged_model_name(config.get("model_name") or model_logging.MODEL_NAME),
+                          params=config.get("model_params"), metrics=metrics)
         except Exception as e:  # noqa: BLE001 - a model that cannot be saved must not cost the trial's metrics
             print(f"[timevlm-platform] WARNING: could not save the trial's model: {type(e).__name__}: {e}",
                   file=sys.stderr, flush=True)
@@ -214,7 +218,8 @@ def train_worker(config: dict[str, Any]) -> None:
              "peak_mem_mb": peak_memory_mb(next(model.parameters()).device)}
     if run is not None:
         run.log_metrics({**test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}})
-        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model)
+        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model, config,
+                            {**test, "best_val_mse": result.best_val_mse})
         if ranks is not None:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "data_parallel.json").write_text(json.dumps(ranks))
