@@ -297,11 +297,11 @@ class TrainStep:
 
     def loss(self, x: torch.Tensor, feats: Any, y: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.amp):
-            if self.alignment is None:
-                return forecast_loss(self.model(x, feats).float(), y, self.forecast_loss)
-            if feats is None:  # the end-to-end path: encode once for the forecast and the alignment
+            if self.alignment is not None and feats is None:  # end-to-end: encode once for forecast and alignment
                 feats = self.inner.encode(x)
             loss = forecast_loss(self.model(x, feats).float(), y, self.forecast_loss)
+            if self.alignment is None:
+                return loss
             vision, text = self.inner.modality_tokens(x, feats)
             self.parts = self.alignment(vision.float(), text.float())
             return loss + sum(self.parts.values())

@@ -25,6 +25,12 @@ from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
 
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries MLflow can take as metrics: numbers, not booleans."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
 
@@ -51,15 +57,15 @@ def _model(client: MlflowClient, run_id: str, path: str, name: str, params: dict
     model it already created (by name, on this run) instead of making a second one."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    experiment_id = client.get_run(run_id).info.experiment_id
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
     found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
     model = next((m for m in found if m.name == name), None) or client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id, model_type="forecaster", params=params)
     if model.status != LoggedModelStatus.READY:
         client.log_model_artifacts(model.model_id, path)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    outputs = client.get_run(run_id).outputs
-    if model.model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+    if model.model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     if metrics:
         now = int(time.time() * 1000)
@@ -113,8 +119,7 @@ class DurableRun:
     # -- the calls -------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        points = [[k, float(v), now, step] for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        points = [[k, v, now, step] for k, v in _numeric(metrics).items()]
         if points:
             self.call("metrics", points=points)
 
@@ -134,8 +139,7 @@ class DurableRun:
                   metrics: dict[str, float] | None = None) -> str | None:
         return self.call("model", path=str(path), name=name,
                          params={k: str(v)[:6000] for k, v in (params or {}).items()},
-                         metrics={k: float(v) for k, v in (metrics or {}).items()
-                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                         metrics=_numeric(metrics or {}))
 
     def terminate(self, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

@@ -134,7 +134,7 @@ def _log_model_and_plot(run: DurableRun, p: Prepared, model: torch.nn.Module, co
     with tempfile.TemporaryDirectory() as d:
         try:
             run.log_model(model_logging.save_forecast_model(p, model, Path(d) / "model"),
-                          name=model_logging.logged_model_name(config.get("model_name") or model_logging.MODEL_NAME),
+                          name=model_logging.logged_model_name(config.get("model_name", "")),
                           params=config.get("model_params"), metrics=metrics)
         except Exception as e:  # noqa: BLE001 - a model that cannot be saved must not cost the trial's metrics
             print(f"[timevlm-platform] WARNING: could not save the trial's model: {type(e).__name__}: {e}",
