@@ -52,7 +52,7 @@ def test_an_eight_cell_study_keeps_both_nodes_busy(tmp_path):
     kids = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
     assert len(kids) == 8 and all(k.info.status == "FINISHED" for k in kids)
     assert len({k.data.tags["ray_node_id"] for k in kids}) == 2  # trials on both nodes
-    assert all(k.data.metrics["cache_builds"] == 0 for k in kids)  # trials only read the prebuilt features
+    assert all(k.data.metrics["system/cache_builds"] == 0 for k in kids)  # trials only read the prebuilt features
     parent = next(r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "study")
     print("utilisation", parent.data.metrics["cluster_utilisation"], parent.data.metrics)
     assert parent.data.metrics["features_build_nodes"] == 2

@@ -33,7 +33,7 @@ def test_sensitivity_report_with_seeds(tmp_path):
         for seed, mse in zip((1, 2), mses):
             rows.append(({"data.dataset": "ETTh1", "model.pred_len": 96, "model.model": "timevlm", "train.seed": seed,
                           "searched.model.norm_const": nc, "searched.train.seed": seed},
-                         {"best_val_mse": mse + 0.1, "test_mse": mse, "test_mae": mse / 2, "params_total": 1000}))
+                         {"best_val_mse": mse + 0.1, "test_mse": mse, "test_mae": mse / 2, "system/params_total": 1000}))
     c, parent = _study_runs(uri, "nc", rows)
     spec = parse_study({"name": "nc", "search": {"model.norm_const": {"type": "grid", "values": [0.1, 0.4]}},
                         "searcher": "grid", "seeds": 2, "fixed": {"model": {"seq_len": 96}}})
@@ -43,6 +43,7 @@ def test_sensitivity_report_with_seeds(tmp_path):
     res = pd.read_csv(dest / "results.csv").set_index("model.norm_const")
     assert res.loc[0.1, "n"] == 2 and res.loc[0.1, "test_mse"] == pytest.approx(0.51)
     assert res.loc[0.4, "test_mse_std"] == pytest.approx(0.0282843, rel=1e-4)
+    assert res.loc[0.1, "params"] == 1000  # read from the operational `system/` metric
     assert (dest / "sensitivity_norm_const.png").stat().st_size > 10_000
     logged = {a.path for a in c.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/results.csv", "report/sensitivity_norm_const.png"} <= logged

@@ -104,7 +104,7 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
         hist = client.get_metric_history(c.info.run_id, "val_mse")
         assert [m.step for m in hist] == [1, 2]  # one point per epoch
         assert len(client.get_metric_history(c.info.run_id, "train_loss")) == 2
-        assert {"test_mse", "test_mae", "params_total"} <= set(c.data.metrics)
+        assert {"test_mse", "test_mae", "system/params_total", "system/seconds"} <= set(c.data.metrics)
         assert {a.path for a in client.list_artifacts(c.info.run_id)} == {"plots"}
     best = [c for c in children if c.data.tags.get(tracking.BEST_TAG) == "true"]
     assert len(best) == 1
@@ -210,7 +210,7 @@ def test_cells_of_a_grid_study_run_at_once_and_utilisation_is_reported(local_ray
     assert parent.data.metrics["trial_seconds_sum"] == pytest.approx(held, rel=1e-3)
     assert parent.data.metrics["cluster_utilisation"] == pytest.approx(
         held / (2 * parent.data.metrics["trials_wall_seconds"]), rel=1e-3)
-    assert parent.data.metrics["features_needed"] == 6  # 2 cells x 3 splits, built or found before the trials
+    assert parent.data.metrics["system/features_needed"] == 6  # 2 cells x 3 splits, built or found before the trials
 
 
 def test_prebuild_builds_each_entry_once_and_trials_only_read(local_ray, tmp_path, data_dir):

@@ -49,7 +49,7 @@ def test_journal_keeps_calls_in_order_while_the_server_is_away_and_sends_them_af
         assert not run.pending() and delayed_counts(spool) == (5, 0)
         r = client.get_run(run_id)
         assert [m.value for m in client.get_metric_history(run_id, "val_mse")] == [1.0, 0.9, 0.8]
-        assert r.data.metrics["test_mse"] == 0.5 and r.data.metrics["tracking_calls_delayed"] == 5
+        assert r.data.metrics["test_mse"] == 0.5 and r.data.metrics["system/tracking_calls_delayed"] == 5
         assert r.data.tags["outcome"] == "done" and r.info.status == "FINISHED"
         assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/forecast.png"]
 
@@ -106,11 +106,11 @@ def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
             assert {"test_mse", "test_mae"} <= set(r.data.metrics)
             assert [a.path for a in client.list_artifacts(r.info.run_id, "plots")] == ["plots/forecast_test.png"]
             assert r.data.tags[tracking.MODEL_URI_TAG].startswith("models:/")
-        delayed = sum(r.data.metrics.get("tracking_calls_delayed", 0) for r in kids)
+        delayed = sum(r.data.metrics.get("system/tracking_calls_delayed", 0) for r in kids)
         assert delayed > 0  # the outage really fell inside a trial
         parent = next(r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "study")
-        assert parent.data.metrics["tracking_calls_waiting"] == 0
-        assert parent.data.metrics["tracking_calls_delayed"] == delayed
+        assert parent.data.metrics["system/tracking_calls_waiting"] == 0
+        assert parent.data.metrics["system/tracking_calls_delayed"] == delayed
         assert "were delayed while the tracking server was away; all sent" in text
         print(next(line for line in text.splitlines() if "were delayed" in line))  # for the log (pytest -s)
         # and the model logged after the outage loads and forecasts
@@ -168,7 +168,7 @@ def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
                 assert kids[0].data.tags[tracking.STUDY_TAG] == name
             # the three entries (train/val/test of ETTh1 at 48->24) were built once between the two studies:
             # by either study's up-front build or by a trial, never twice
-            built = sum(r.data.metrics.get("features_built", 0) + r.data.metrics.get("cache_builds", 0)
+            built = sum(r.data.metrics.get("system/features_built", 0) + r.data.metrics.get("system/cache_builds", 0)
                         for rs in runs.values() for r in rs)
             assert built == 3 and len(list(cache.glob("*.parquet"))) == 3
             # bob resumes: alice's runs are untouched, bob's are reused, not duplicated

@@ -2,10 +2,15 @@
 model and executed when the model is loaded, so it imports only the `timevlm` library, which travels with the
 model as code, and MLflow).
 
-Input: a batch of windows in the dataset's original units, float32 [batch, seq_len, n_vars] (or one window
-[seq_len, n_vars]). Output: the forecasts in the same units, [batch, pred_len, n_vars]. The model scales the
-input with the training split's mean/std, exactly as in training, and computes the frozen VLM's features of
-each window on the fly (the same encoder that filled the study's feature cache, keyed in the model metadata).
+Input, in the dataset's original units: a batch of windows [batch, seq_len, n_vars] or one window
+[seq_len, n_vars] (numpy, float32 or float64, or nested lists), or a pandas DataFrame with the dataset's
+channel columns (the model metadata's `channels`) holding one window (seq_len rows) or several stacked
+(a multiple of seq_len rows). Output: the forecasts in the same units, [batch, pred_len, n_vars] float32
+([pred_len, n_vars] for one window; a DataFrame with the channel columns and pred_len rows per window for a
+DataFrame). Anything else is refused with a short error naming what was expected and what came.
+The model scales the input with the training split's mean/std, exactly as in training, and computes the
+frozen VLM's features of each window on the fly (the same encoder that filled the study's feature cache, keyed
+in the model metadata).
 """
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 class TimeVLMForecaster(PythonModel):
-    # The signature is given explicitly (a tensor spec) when the model is logged. MLflow's type-hint based input
-    # validation does not cover numpy tensors, and without this flag it warns on every definition of the class
-    # (every load of the model) that predict() has no type hints.
+    # The model has no input schema: MLflow would enforce one before predict() and no single schema takes both a
+    # window and a batch, float64 and a DataFrame. predict() checks the input itself. Without this flag MLflow
+    # warns on every definition of the class (every load of the model) that predict() has no type hints.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
@@ -33,25 +38,55 @@ class TimeVLMForecaster(PythonModel):
         self.mean = np.asarray(scaler["mean"], dtype=np.float32)
         self.std = np.asarray(scaler["std"], dtype=np.float32)
         self.seq_len, self.n_vars = exp.model.seq_len, exp.model.n_vars
+        self.channels = list(scaler.get("channels") or [f"var_{i}" for i in range(self.n_vars)])
         model = build_model(exp.model)
         model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         if getattr(model, "uses_features", False):
             model.attach_encoder(feature_encoder(exp, "cpu"))
         self.model = model.eval()
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def _expected(self) -> str:
+        return (f"expected [batch, {self.seq_len}, {self.n_vars}] or [{self.seq_len}, {self.n_vars}] float windows, "
+                f"or a DataFrame with columns {self.channels[:4] + (['...'] if self.n_vars > 4 else [])} and "
+                f"k x {self.seq_len} rows")
+
+    def windows(self, model_input) -> tuple[np.ndarray, str]:
+        """The input as float32 [batch, seq_len, n_vars] and its form ("batch", "window" or "frame")."""
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            missing = [c for c in self.channels if c not in model_input.columns]
+            if missing or len(model_input) == 0 or len(model_input) % self.seq_len:
+                got = f"missing columns {missing[:4]}" if missing else f"{len(model_input)} rows"
+                raise ValueError(f"{self._expected()}; got a DataFrame with {got}")
+            values = model_input[self.channels]
+            if not all(pd.api.types.is_numeric_dtype(t) for t in values.dtypes):
+                raise ValueError(f"{self._expected()}; got non-numeric columns")
+            return values.to_numpy(np.float32).reshape(-1, self.seq_len, self.n_vars), "frame"
+        try:
+            x = np.asarray(model_input)
+        except (TypeError, ValueError):
+            x = None
+        if x is None or x.dtype.kind not in "fiu":
+            kind = type(model_input).__name__ if x is None else f"{type(model_input).__name__} of {x.dtype}"
+            raise ValueError(f"{self._expected()}; got {kind}")
+        if x.shape[-2:] != (self.seq_len, self.n_vars) or x.ndim not in (2, 3):
+            raise ValueError(f"{self._expected()}; got shape {list(x.shape)} {x.dtype}")
+        x = x.astype(np.float32, copy=False)
+        return (x[None], "window") if x.ndim == 2 else (x, "batch")
+
+    def predict(self, context, model_input, params=None):
         import torch
 
-        x = np.asarray(model_input, dtype=np.float32)
-        single = x.ndim == 2
-        x = x[None] if single else x
-        if x.ndim != 3 or x.shape[1:] != (self.seq_len, self.n_vars):
-            raise ValueError(f"expected windows of shape [batch, {self.seq_len}, {self.n_vars}] "
-                             f"(seq_len, n_vars), got {list(np.shape(model_input))}")
+        x, form = self.windows(model_input)
         with torch.inference_mode():
             y = self.model(torch.from_numpy((x - self.mean) / self.std)).numpy()
         y = y * self.std + self.mean
-        return y[0] if single else y
+        if form == "frame":
+            import pandas as pd
+
+            return pd.DataFrame(y.reshape(-1, self.n_vars), columns=self.channels)
+        return y[0] if form == "window" else y
 
 
 mlflow.models.set_model(TimeVLMForecaster())

@@ -16,12 +16,14 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 # MLflow's own scoped switch of the process-wide tracking URI (the registry follows it unless a user set one)
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.tracking import MlflowClient
 
 import timevlm
+from timevlm.data.files import value_columns
+from timevlm.data.registry import get_dataset
 from timevlm.experiment import Prepared
 
 MODEL_NAME = "model"  # the logged model's name inside its run
@@ -53,8 +55,11 @@ def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path
         scaled = torch.from_numpy(test.scaler.transform(example))
         feats = p.features["test"].batch(torch.arange(len(example))) if p.features.get("test") else None
         out = test.scaler.inverse(model(scaled.to(next(model.parameters()).device), feats).cpu().numpy())
-    meta = {"input": "float32 [batch, seq_len, n_vars] windows in the dataset's original units",
-            "output": "float32 [batch, pred_len, n_vars] forecasts in the same units",
+    channels = value_columns(get_dataset(p.cfg.data.test_dataset or p.cfg.data.dataset), p.cfg.data.data_dir)
+    meta = {"input": "windows in the dataset's original units: [batch, seq_len, n_vars] or [seq_len, n_vars] "
+                     "(float32/float64), or a DataFrame with the channel columns, k x seq_len rows",
+            "output": "float32 [batch, pred_len, n_vars] forecasts in the same units (a DataFrame for a DataFrame)",
+            "channels": channels,
             "dataset": p.cfg.data.dataset, "seq_len": p.cfg.model.seq_len, "pred_len": p.cfg.model.pred_len,
             "n_vars": p.cfg.model.n_vars, "model": p.cfg.model.model, "vlm": p.cfg.model.vlm,
             "feature_cache_keys": json.dumps(p.cache_info.get("cache_keys", [])),
@@ -64,13 +69,15 @@ def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "weights.pt")
         (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
         (d / "scaler.json").write_text(json.dumps({"mean": test.scaler.mean.tolist(),
-                                                   "std": test.scaler.std.tolist()}))
+                                                   "std": test.scaler.std.tolist(), "channels": channels}))
         mlflow.pyfunc.save_model(
             str(dest), python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(d / "weights.pt"), "experiment": str(d / "experiment.json"),
                        "scaler": str(d / "scaler.json")},
             code_paths=[str(Path(timevlm.__file__).parent)],
-            signature=infer_signature(example, out), input_example=example,
+            # outputs only: an input schema would be enforced before predict(), which takes more forms than one
+            # schema admits (forecast_pyfunc.py)
+            signature=ModelSignature(outputs=infer_signature(example, out).outputs), input_example=example,
             pip_requirements=pip_requirements(), metadata=meta)
     return dest
 

@@ -48,8 +48,8 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
                "percent": int(r.data.params.get("data.percent") or 100),
                "test_dataset": r.data.params.get("data.test_dataset") or None}
         row.update(searched_values(r))
-        row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS, "params_total", "seconds",
-                                                        "peak_mem_mb")})
+        row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS)})
+        row.update({k: r.data.metrics.get(tracking.SYSTEM_PREFIX + k) for k in ("params_total", "seconds", "peak_mem_mb")})
         rows.append(row)
     return parent.info.run_id, pd.DataFrame(rows)
 

@@ -247,7 +247,7 @@ def _deliver_journals(client: MlflowClient, parent: str, root: str, timeout_s: f
         print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
               file=sys.stderr if waiting else sys.stdout, flush=True)
     tracking.safe("log tracking delivery", lambda: tracking.log_metrics(
-        client, parent, {"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting}))
+        client, parent, tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting})))
     return {"delayed": delayed, "waiting": waiting}
 
 
@@ -341,9 +341,9 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
                   f"each trial builds the features it misses instead", file=sys.stderr, flush=True)
         else:
             print(f"[timevlm-platform] features: {built.line()}", flush=True)
-            tracking.safe("log prebuild", lambda: tracking.log_metrics(client, parent, {
+            tracking.safe("log prebuild", lambda: tracking.log_metrics(client, parent, tracking.system({
                 "features_needed": built.needed, "features_cached": built.present, "features_built": built.built,
-                "features_build_seconds": built.seconds, "features_build_nodes": len(built.nodes)}))
+                "features_build_seconds": built.seconds, "features_build_nodes": len(built.nodes)})))
     print(f"[timevlm-platform] study {spec.name}: {len(spec.cells())} cell(s) x "
           f"{'grid' if spec.searcher == 'grid' else spec.trials} trials, {spec.epochs} epochs, "
           f"{concurrency} concurrent; MLflow {tracking_uri} (experiment {exp_name}, parent run {parent})",
@@ -474,7 +474,7 @@ def _finish_parent(client, parent, table: pd.DataFrame, usage: dict[str, float])
         p = Path(d) / "trials.csv"
         table.to_csv(p, index=False)
         tracking.safe("log trials table", lambda: client.log_artifact(parent, str(p)))
-    tracking.safe("log study usage", lambda: tracking.log_metrics(client, parent, usage))
+    tracking.safe("log study usage", lambda: tracking.log_metrics(client, parent, tracking.system(usage)))
     failed = int((table.get("status") == "ERROR").sum()) if len(table) else 0
     tracking.safe("finish study run", lambda: tracking.finish(client, parent, True))
     if failed:

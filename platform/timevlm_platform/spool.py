@@ -205,7 +205,7 @@ class DurableRun:
         self.journal.unlink()
         shutil.rmtree(self.files, ignore_errors=True)
         try:  # the run says how many of its calls came late (visible in its metrics)
-            _metrics(self.client, self.run_id, [["tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
+            _metrics(self.client, self.run_id, [[tracking.SYSTEM_PREFIX + "tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
         except Exception:  # noqa: BLE001
             pass
         return True

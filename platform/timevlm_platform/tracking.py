@@ -193,6 +193,16 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+SYSTEM_PREFIX = "system/"  # MLflow's UI shows such metrics under "System metrics", apart from the model's
+
+
+def system(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Operational figures (sizes, cache and feature builds, timings, memory, tracking delivery) as MLflow names
+    them, `system/<name>`: run pages, charts and compare views then open on the objective and the searched
+    parameters, and the operational figures sit in MLflow's own "System metrics" section."""
+    return {SYSTEM_PREFIX + k: v for k, v in metrics.items()}
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()

@@ -26,7 +26,7 @@ from timevlm.training import (
     fit,
     peak_memory_mb,
 )
-from timevlm_platform import faults, model_logging
+from timevlm_platform import faults, model_logging, tracking
 from timevlm_platform.console import quiet_worker
 from timevlm_platform.spool import DurableRun
 from timevlm_platform.plots import forecast_plot
@@ -164,10 +164,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
     p = prepare(exp, progress=rank == 0)
     if run is not None:
-        run.log_metrics({**count_parameters(p.model),
-                         **{k: v for k, v in p.cache_info.items() if k not in ("cache_root", "cache_keys")},
-                         "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
-                         "n_test_windows": len(p.splits["test"])})
+        run.log_metrics(tracking.system({
+            **count_parameters(p.model), **{k: v for k, v in p.cache_info.items() if k not in ("cache_root", "cache_keys")},
+            "n_train_windows": len(p.splits["train"]), "n_val_windows": len(p.splits["val"]),
+            "n_test_windows": len(p.splits["test"])}))
         run.log_inputs(_dataset_inputs(p))
     resume = _load_resume()
     if isinstance(resume, str):  # restarted after it had already diverged: say so again, do not retrain
@@ -176,7 +176,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if run is not None:
         run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id()})
         if resume is not None:  # a restarted worker: say from where it resumed
-            run.log_metrics({"resumed_from_epoch": resume.epoch})
+            run.log_metrics(tracking.system({"resumed_from_epoch": resume.epoch}))
     poison_at = faults.nan_after_epoch(p.cfg.flat())
     train, train_feats = shard(p.splits["train"], p.features["train"], rank, world)
     model = p.model
@@ -190,7 +190,8 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id()}
         last.update(metrics)
         if run is not None:
-            run.log_metrics(metrics, step=m.epoch)
+            run.log_metrics({**{k: v for k, v in metrics.items() if k != "seconds"},
+                             **tracking.system({"seconds": m.seconds})}, step=m.epoch)
         faults.slow_epoch()  # chaos tests only: a longer epoch, so an outage can be timed to fall inside
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -217,7 +218,8 @@ def train_worker(config: dict[str, Any]) -> None:
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
              "peak_mem_mb": peak_memory_mb(next(model.parameters()).device)}
     if run is not None:
-        run.log_metrics({**test, **{k: final[k] for k in ("best_epoch", "epochs_run", "peak_mem_mb")}})
+        run.log_metrics({**test, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                         **tracking.system({"peak_mem_mb": final["peak_mem_mb"]})})
         _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model, config,
                             {**test, "best_val_mse": result.best_val_mse})
         if ranks is not None:

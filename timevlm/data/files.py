@@ -71,6 +71,15 @@ def read_table(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> 
     return _read_table_cached(str(path), path.stat().st_mtime_ns, spec)
 
 
+def value_columns(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The names of the value columns `read_table` returns, in its order (the file's header, without `date`)."""
+    if spec.columns is not None:
+        return list(spec.columns)
+    if spec.split_rule == "m4":
+        return ["value"]
+    return [c for c in pd.read_csv(dataset_path(spec, data_dir), nrows=0).columns if c != "date"]
+
+
 @lru_cache(maxsize=8)
 def _read_table_cached(path: str, _mtime: int, spec: DatasetSpec) -> np.ndarray:
     try:
