@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -22,6 +23,19 @@ def _reference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
         return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
 
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "no-avx512"])
+def instruction_set(request):
+    """Every test here runs twice: with the kernels built for this CPU, and built with AVX-512 off
+    (`-mno-avx512f`), so the branches that CPUs without AVX-512 take are compiled and checked on CI's machines too."""
+    mp = pytest.MonkeyPatch()
+    if request.param == "no-avx512":
+        mp.setenv(build.FLAGS_ENV, "-mno-avx512f")
+    build.forget()
+    yield request.param
+    mp.undo()
+    build.forget()
 
 
 needs_kernel = pytest.mark.skipif(not attention.usable(torch.zeros(1, 1, 3), 1),
@@ -286,3 +300,15 @@ def test_compiled_library_is_reused_from_the_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert build.compile_library("attention") == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@needs_kernel
+def test_added_flags_build_their_own_library_and_no_avx512_means_no_zmm_register(monkeypatch, tmp_path):
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(build.FLAGS_ENV, raising=False)
+    native = build.compile_library("elementwise")
+    monkeypatch.setenv(build.FLAGS_ENV, "-mno-avx512f")
+    plain = build.compile_library("elementwise")
+    assert plain != native and {p.name for p in tmp_path.iterdir()} == {native.name, plain.name}
+    if shutil.which("objdump"):
+        assert "zmm" not in subprocess.run(["objdump", "-d", str(plain)], capture_output=True, text=True).stdout

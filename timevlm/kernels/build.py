@@ -9,7 +9,8 @@ for is the one PyTorch has already loaded (same soname), so the kernels and PyTo
 
 $TIMEVLM_CPU_KERNELS=0 turns the kernels off (PyTorch's own paths run instead, and the training step leaves
 glibc's allocator settings alone, see memory.py); $TIMEVLM_KERNEL_CACHE moves the
-cache (default ~/.cache/timevlm/kernels). A machine without a compiler, or a failed build, falls back to
+cache (default ~/.cache/timevlm/kernels); $TIMEVLM_KERNEL_FLAGS adds compiler flags (the tests build once more
+with `-mno-avx512f`, so the branches for CPUs without AVX-512 are compiled and checked on machines with it). A machine without a compiler, or a failed build, falls back to
 PyTorch and says why once per process: a log record at INFO level (a speed matter, not worth a console line
 in every Ray worker), or a RuntimeWarning where $TIMEVLM_CPU_KERNELS=1 asked for the kernels explicitly.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # per library: the attention's softmax needs -ffast-math for glibc's vectorised expf
 EXTRA_FLAGS = {"attention": ("-ffast-math",)}
-ENABLE_ENV, CACHE_ENV = "TIMEVLM_CPU_KERNELS", "TIMEVLM_KERNEL_CACHE"
+ENABLE_ENV, CACHE_ENV, FLAGS_ENV = "TIMEVLM_CPU_KERNELS", "TIMEVLM_KERNEL_CACHE", "TIMEVLM_KERNEL_FLAGS"
 _HERE = Path(__file__).resolve().parent
 _log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def compile_library(name: str) -> Path:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     source = _HERE / f"{name}.cpp"
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    flags = (*FLAGS, *EXTRA_FLAGS.get(name, ()))
+    flags = (*FLAGS, *EXTRA_FLAGS.get(name, ()), *os.environ.get(FLAGS_ENV, "").split())
     key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
