@@ -267,3 +267,28 @@ def test_flatten_head_learns_at_its_fan_in_scaled_rate():
     assert lrs[id(head.weight)] == lrs[id(head.bias)] == pytest.approx(5e-4 * scale)
     assert lrs[id(model.ral.linear.seasonal.weight)] == 5e-4
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_feature_fields_are_exactly_the_settings_that_change_the_feature_cache_key():
+    """`FEATURE_FIELDS` is the one list of what changes the frozen VLM's features: changing any other model setting
+    leaves the cache key's settings alone, and each listed one changes them (where the others make it count)."""
+    from timevlm.model.multimodal import FEATURE_FIELDS, encoder_settings
+
+    base = dataclasses.replace(CFG, prompt_description=True, dataset_description="a")
+    other = {"seq_len": 48, "pred_len": 48, "periodicity": 7, "image_size": 32, "top_k_freqs": 2, "vision_tokens": 2,
+             "max_prompt_tokens": 40, "dataset_description": "b", "prompt_description": False, "vlm": "custom",
+             "vlm_path": "/elsewhere", "vlm_input_size": 32, "vlm_int8": True}
+    assert set(other) == set(FEATURE_FIELDS)
+    # "custom" has no weights path; every other listed setting counts on its own
+    for name in set(FEATURE_FIELDS) - {"vlm", "vlm_path"}:
+        assert encoder_settings(dataclasses.replace(base, **{name: other[name]})) != encoder_settings(base), name
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in FEATURE_FIELDS:
+            continue
+        value = getattr(base, f.name)
+        changed = (not value if isinstance(value, bool) else value * 2 if isinstance(value, int)
+                   else value / 2 if isinstance(value, float) else "dlinear" if f.name == "model"
+                   else None if value is not None else 64)
+        extra = {"head_drop": 0.0} if f.name == "linear_skip" else {}  # head_drop needs the linear path
+        cfg = dataclasses.replace(base, **{f.name: changed}, **extra)
+        assert encoder_settings(cfg) == encoder_settings(base), f.name

@@ -17,7 +17,7 @@ from timevlm.data.registry import get_dataset
 from timevlm.data.windows import SplitData, build_splits
 from timevlm.features import FeatureCache, SplitFeatures
 from timevlm.model import build_model
-from timevlm.model.multimodal import MultimodalEncoder, encoder_settings
+from timevlm.model.multimodal import MultimodalEncoder, encoder_settings, needs_features
 from timevlm.model.vlm import load_vlm
 from timevlm.metrics import mae, mse
 from timevlm.training import EpochMetrics, TrainState, fit, predict, resolve_device, seed_everything
@@ -79,16 +79,11 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     return prepared
 
 
-def needs_vlm_features(cfg: ModelConfig) -> bool:
-    """Whether a model with these settings reads the frozen VLM's features (Time-VLM with VAL or TAL on)."""
-    return cfg.model == "timevlm" and (cfg.use_val or cfg.use_tal)
-
-
 def feature_plan(exp: ExperimentConfig) -> tuple[dict[str, Any], dict[str, SplitData]] | None:
     """(encoder settings, splits) whose features `prepare` reads from the cache, or None when the model reads
     none. The same resolution as `prepare`, so a prebuilt entry is exactly the one a trial looks up."""
     mcfg = resolve_model_config(exp.model, exp.data.dataset)
-    if not needs_vlm_features(mcfg):
+    if not needs_features(mcfg):
         return None
     return (encoder_settings(mcfg, get_dataset(exp.data.dataset).freq),
             build_splits(exp.data, mcfg.seq_len, mcfg.pred_len))

@@ -25,13 +25,10 @@ from tqdm.auto import tqdm
 from timevlm.config import ExperimentConfig
 from timevlm.experiment import feature_plan
 from timevlm.features import FeatureCache, SplitFeatures, cache_key
+from timevlm.model.multimodal import FEATURE_FIELDS, needs_features
 from timevlm_platform.study import VARIANT_KEY, StudySpec
 
 WINDOWS_PER_BATCH = 256
-# The model settings that can change the features or whether they are needed (a superset is safe).
-FEATURE_FIELDS = ("model", "use_val", "use_tal", "seq_len", "pred_len", "periodicity", "image_size", "top_k_freqs",
-                  "vision_tokens", "max_prompt_tokens", "vlm", "vlm_path", "vlm_input_size", "dataset_description",
-                  "prompt_description")
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def study_jobs(spec: StudySpec, data_dir: str) -> tuple[list[FeatureJob], str]:
 
 
 def _feature_fields(exp: ExperimentConfig) -> dict[str, Any]:
-    return {k: getattr(exp.model, k) for k in FEATURE_FIELDS}
+    return {"needs": needs_features(exp.model), **{k: getattr(exp.model, k) for k in FEATURE_FIELDS}}
 
 
 class _Encoder:

@@ -23,6 +23,18 @@ class Features(TypedDict):
     text: torch.Tensor  # [B, Kt, text_dim]
 
 
+# The model settings the frozen half's output depends on: `encoder_settings` (the feature-cache key) reads these and
+# no other field of ModelConfig, and the study's up-front build (prebuild) groups trials by them
+FEATURE_FIELDS = ("seq_len", "pred_len", "periodicity", "image_size", "top_k_freqs", "vision_tokens",
+                  "max_prompt_tokens", "dataset_description", "prompt_description", "vlm", "vlm_path",
+                  "vlm_input_size", "vlm_int8")
+
+
+def needs_features(cfg: ModelConfig) -> bool:
+    """Whether a model with these settings reads the frozen VLM's features (Time-VLM with VAL or TAL on)."""
+    return cfg.model == "timevlm" and (cfg.use_val or cfg.use_tal)
+
+
 def encoder_settings(cfg: ModelConfig, freq: str = "") -> dict[str, object]:
     """Everything that changes the encoder's output besides the window itself (no weights are loaded).
     norm_const, d_model and d_fusion are absent: images are min-max scaled and prompts use the window's
