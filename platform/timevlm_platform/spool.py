@@ -26,11 +26,6 @@ from mlflow.tracking import MlflowClient
 from timevlm_platform import tracking
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """The entries MLflow can take as metrics: numbers, not booleans."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
 
@@ -119,7 +114,7 @@ class DurableRun:
     # -- the calls -------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        points = [[k, v, now, step] for k, v in _numeric(metrics).items()]
+        points = [[k, v, now, step] for k, v in tracking.numeric(metrics).items()]
         if points:
             self.call("metrics", points=points)
 
@@ -139,7 +134,7 @@ class DurableRun:
                   metrics: dict[str, float] | None = None) -> str | None:
         return self.call("model", path=str(path), name=name,
                          params={k: str(v)[:6000] for k, v in (params or {}).items()},
-                         metrics=_numeric(metrics or {}))
+                         metrics=tracking.numeric(metrics or {}))
 
     def terminate(self, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

@@ -203,10 +203,14 @@ def system(metrics: dict[str, Any]) -> dict[str, Any]:
     return {SYSTEM_PREFIX + k: v for k, v in metrics.items()}
 
 
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries MLflow can take as metrics: numbers, not booleans (ids and flags are tags)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [Metric(k, v, now, step or 0) for k, v in numeric(metrics).items()]
     if items:
         client.log_batch(run_id, metrics=items)
 
