@@ -88,7 +88,7 @@ def test_worker_kill_and_nan_trial(tmp_path, shared_cache, monkeypatch):
     by_nc = {r.data.params["model.norm_const"]: r for r in kids}
     assert len(kids) == 3
     survivor = by_nc["0.1"]
-    assert survivor.info.status == "FINISHED" and survivor.data.metrics["resumed_from_epoch"] >= 1
+    assert survivor.info.status == "FINISHED" and survivor.data.metrics["system/resumed_from_epoch"] >= 1
     assert sorted({m.step for m in c.get_metric_history(survivor.info.run_id, "val_mse")}) == [1, 2, 3, 4, 5, 6]
     nan_run = by_nc["0.7"]
     assert nan_run.info.status == "FAILED" and "loss is nan" in nan_run.data.tags["failure_reason"]

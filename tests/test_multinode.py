@@ -54,6 +54,6 @@ def test_an_eight_cell_study_keeps_both_nodes_busy(tmp_path):
     assert len({k.data.tags["ray_node_id"] for k in kids}) == 2  # trials on both nodes
     assert all(k.data.metrics["system/cache_builds"] == 0 for k in kids)  # trials only read the prebuilt features
     parent = next(r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "study")
-    print("utilisation", parent.data.metrics["cluster_utilisation"], parent.data.metrics)
-    assert parent.data.metrics["features_build_nodes"] == 2
-    assert parent.data.metrics["cluster_utilisation"] >= 0.8
+    print("utilisation", parent.data.metrics["system/cluster_utilisation"], parent.data.metrics)
+    assert parent.data.metrics["system/features_build_nodes"] == 2
+    assert parent.data.metrics["system/cluster_utilisation"] >= 0.8

@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from timevlm_platform.runner import default_optuna_storage, forget_optuna_study
+from timevlm_platform.search_space import forget_optuna_study
+from timevlm_platform.settings import default_optuna_storage
 from timevlm_platform.search_space import param_space, searcher
 from timevlm_platform.study import parse_study
 

@@ -3,6 +3,8 @@ afterwards; then the same study resumed (nothing re-run, no duplicate run)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -110,8 +112,8 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
     assert len(best) == 1
     assert best[0].data.metrics["best_val_mse"] == min(c.data.metrics["best_val_mse"] for c in children)
     assert parents[0].data.tags["best.ETTh1.24.run_id"] == best[0].info.run_id
-    assert best[0].info.run_name.endswith(" [best]")  # marked where the runs table shows it
-    assert not any(c.info.run_name.endswith(" [best]") for c in children if c is not best[0])
+    assert best[0].info.run_name.startswith("[best] ")  # marked where the runs table shows it (names are cut)
+    assert not any("[best]" in c.info.run_name for c in children if c is not best[0])
     # the study's row carries the best trial's values under its own names, so it never ties with that trial
     for k in ("best_val_mse", "test_mse", "test_mae"):
         assert parents[0].data.metrics[f"study/{k}"] == pytest.approx(best[0].data.metrics[k])
@@ -204,12 +206,12 @@ def test_cells_of_a_grid_study_run_at_once_and_utilisation_is_reported(local_ray
              "budget": {"trials": 1, "epochs": 1}}
     out, client, kids = _two_cells_at_once(tmp_path, shared_cache, study, ["e2e-cells"])
     parent = client.get_run(out["parent_run_id"])
-    assert parent.data.metrics["trial_slots"] == 2
-    assert 0 < parent.data.metrics["cluster_utilisation"] <= 1
+    assert parent.data.metrics["system/trial_slots"] == 2
+    assert 0 < parent.data.metrics["system/cluster_utilisation"] <= 1
     held = sum(k.info.end_time - k.info.start_time for k in kids) / 1000  # each trial's slot, start to end
-    assert parent.data.metrics["trial_seconds_sum"] == pytest.approx(held, rel=1e-3)
-    assert parent.data.metrics["cluster_utilisation"] == pytest.approx(
-        held / (2 * parent.data.metrics["trials_wall_seconds"]), rel=1e-3)
+    assert parent.data.metrics["system/trial_seconds_sum"] == pytest.approx(held, rel=1e-3)
+    assert parent.data.metrics["system/cluster_utilisation"] == pytest.approx(
+        held / (2 * parent.data.metrics["system/trials_wall_seconds"]), rel=1e-3)
     assert parent.data.metrics["system/features_needed"] == 6  # 2 cells x 3 splits, built or found before the trials
 
 
@@ -299,12 +301,15 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
     client = MlflowClient(opts.tracking_uri)
     kids = [r for r in client.search_runs([out["experiment_id"]])
             if r.data.tags.get(tracking.PARENT_TAG) == out["parent_run_id"]]
+    # TIMEVLM_UI_SCREENSHOTS=reports/mlflow-ui keeps the screenshots (the README's pictures come from here)
+    shots = Path(os.environ.get("TIMEVLM_UI_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     # wide enough for every column: the runs table renders only the columns in view
     with mlflow_server(opts.tracking_uri, tmp_path / "server.log") as base, chromium_page(2600) as page:
         page.goto(tracking.experiment_url(base, out["experiment_id"]))
         # the link opens on the trials sorted by validation MSE: the best one (marked) first, the study's run last
         order = sorted(kids, key=lambda k: k.data.metrics["best_val_mse"])
-        assert order[0].info.run_name.endswith(" [best]")
+        assert order[0].info.run_name.startswith("[best] ")
         rows = {}
         for run in order + [r for r in client.search_runs([out["experiment_id"]])
                             if r.info.run_id == out["parent_run_id"]]:
@@ -315,26 +320,26 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
         assert list(rows) == sorted(rows, key=rows.get), rows
         for column in ("metrics.`best_val_mse`", "metrics.`test_mse`", "params.`model.norm_const`"):  # the view's
             page.locator(f"[role=columnheader][col-id='{column}']").first.wait_for()
-        page.screenshot(path=str(tmp_path / "runs.png"))
+        page.screenshot(path=str(shots / "runs.png"))
 
         page.goto(f"{base}/#/models/timevlm-e2e-ETTh1-24")
         page.get_by_text("Version 1").first.wait_for()
         page.get_by_text("best").first.wait_for()  # the alias
-        page.screenshot(path=str(tmp_path / "model.png"))
+        page.screenshot(path=str(shots / "registered_model.png"))
 
         best = next(k for k in kids if k.data.tags.get(tracking.BEST_TAG) == "true")
         # the best trial's logged model page names its registered version (the model and the registry are linked)
         model_id = best.data.tags[tracking.MODEL_URI_TAG].removeprefix("models:/")
         page.goto(f"{base}/#/experiments/{out['experiment_id']}/models/{model_id}?workflowType=machine_learning")
         page.get_by_text("timevlm-e2e-ETTh1-24").first.wait_for()
-        page.screenshot(path=str(tmp_path / "logged_model.png"))
+        page.screenshot(path=str(shots / "logged_model.png"))
 
         page.goto(f"{base}/#/experiments/{out['experiment_id']}/runs/{best.info.run_id}/artifacts/plots/"
                   "forecast_test.png?workflowType=machine_learning")
         img = page.locator("img[src*='forecast_test.png'], img[src^='blob:']").first
         img.wait_for()
         page.wait_for_function("img => img.complete && img.naturalWidth > 200", arg=img.element_handle())
-        page.screenshot(path=str(tmp_path / "plot.png"))
+        page.screenshot(path=str(shots / "forecast_plot.png"))
 
 
 def test_trials_after_an_asha_stop_run_to_their_end(local_ray, tmp_path, shared_cache):

@@ -1,12 +1,16 @@
-"""Checks at the cluster's edge, before any trial starts: a trial that no node can hold, and paths or VLM
-weights that the driver's node has but a worker node does not. Each fails with the node named, in seconds,
+"""Checks before any trial starts: data that cannot be loaded and VLM variants that are not there (preflight), a
+trial that no node can hold, and paths or VLM weights that the driver's node has but a worker node does not. Each fails with the node named, in seconds,
 instead of a trial that waits forever for resources or fails on one node after Ray Train's retries."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from timevlm.data.windows import build_splits
 from timevlm.errors import ConfigError
+from timevlm.model.vlm.base import feature_dims
+from timevlm_platform.study import StudySpec
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,6 @@ def _probe(paths: dict[str, str], vlm_configs: list[dict[str, Any]]) -> list[str
                     problems.append(f"{what} {path} cannot be written ({e.strerror})")
     for cfg in vlm_configs:
         from timevlm.config import ModelConfig
-        from timevlm.model.vlm.base import feature_dims
 
         try:
             feature_dims(ModelConfig(**cfg))
@@ -101,3 +104,64 @@ def check_nodes_have_inputs(study: str, paths: dict[str, str], vlm_configs: list
         raise ConfigError(f"study {study}: not every node has what the trials need:\n  " + "\n  ".join(missing)
                           + "\n(on a cluster, put data and the feature cache on shared storage or the same path "
                             "on every node: --data-dir, --cache-dir)")
+
+
+def searched_values(spec: StudySpec, key: str) -> list | None:
+    """The values a study searches for `key` (a choice or grid), or None when it does not search it."""
+    return next((p.args.get("values") for p in spec.search if p.key == key), None)
+
+
+def preflight(spec: StudySpec, data_dir: str) -> None:
+    """Load every (dataset, horizon, seq_len) a study can ask for before any trial starts, so bad data
+    fails in seconds with the file named, not in every trial after Ray Train retries."""
+    seq_lens = searched_values(spec, "model.seq_len")
+    vlms = searched_values(spec, "model.vlm")
+    for cell in spec.cells():
+        base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
+        for seq_len in seq_lens or [base.model.seq_len]:
+            build_splits(dataclasses.replace(base.data, data_dir=data_dir), int(seq_len), cell.horizon)
+    for vlm in vlms or [base.model.vlm]:
+        cfg = dataclasses.replace(base.model, vlm=vlm)
+        try:
+            feature_dims(cfg)  # reads the variant's config only; fails fast when the weights are not there
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"VLM {vlm!r} is not available ({cfg.vlm_path or 'hub default'}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}. Put its weights in the "
+                              f"Hugging Face cache or set model.vlm_path to a local copy") from None
+
+
+def cluster_concurrency(spec: StudySpec) -> int:
+    """How many trials the cluster holds at once (CPUs, GPUs, the study's max_concurrent); refuses a trial no
+    node can hold."""
+    import ray
+
+    res = spec.resources
+    check_trial_fits(spec.name, res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker, alive_nodes())
+    total = ray.cluster_resources()
+    by_cpu = int(total.get("CPU", 1) // max(res.workers_per_trial * res.cpus_per_worker, 1))
+    limit = by_cpu
+    if res.gpus_per_worker:
+        limit = min(limit, int(total.get("GPU", 0) // (res.workers_per_trial * res.gpus_per_worker)))
+    if limit < 1:
+        raise ConfigError(f"study {spec.name}: the cluster ({total}) cannot fit one trial "
+                          f"({res.workers_per_trial} workers x {res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU)")
+    return min(limit, res.max_concurrent) if res.max_concurrent else limit
+
+
+def node_inputs(spec: StudySpec, data_dir: str, cache_dir: str, use_feature_cache: bool):
+    """What every node must have: the study's data files, a writable feature cache, the VLM variants' weights."""
+    from timevlm.data.files import dataset_path
+    from timevlm.data.registry import get_dataset
+
+    paths = {}
+    for name in sorted({d for c in spec.cells() for d in (c.dataset, c.test_dataset) if d}):
+        try:
+            paths[f"{name} data file"] = str(dataset_path(get_dataset(name), data_dir))
+        except Exception:  # noqa: BLE001 - datasets of several files (M4) are checked by their loader
+            paths[f"{name} data dir"] = data_dir
+    base = spec.experiment(spec.cells()[0].dataset, spec.cells()[0].horizon, {}, spec.cells()[0].test_dataset)
+    if use_feature_cache and base.train.cache_fallback != "memory":
+        paths["writable feature cache dir"] = cache_dir
+    vlms = searched_values(spec, "model.vlm") or [base.model.vlm]
+    configs = [{"vlm": v, "vlm_path": base.model.vlm_path} for v in vlms] if base.model.model == "timevlm" else []
+    return paths, configs

@@ -165,7 +165,7 @@ def _markdown(df: pd.DataFrame) -> str:
 
 
 def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
-    from timevlm_platform.runner import platform_home
+    from timevlm_platform.settings import platform_home
 
     uri = tracking_uri or tracking.default_tracking_uri(platform_home())
     tracking.check_reachable(uri)

@@ -94,3 +94,16 @@ def scheduler(spec: StudySpec) -> TrialScheduler:
 def num_samples(spec: StudySpec) -> int:
     """Grid studies run each grid point once (Tune multiplies num_samples by the grid size)."""
     return 1 if spec.searcher == "grid" else spec.trials
+
+
+def searcher_kind(spec: StudySpec) -> str:
+    return "optuna" if spec.searcher != "grid" and spec.search else "grid"
+
+
+def forget_optuna_study(storage: str, name: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:  # no such study yet
+        pass

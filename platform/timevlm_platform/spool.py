@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
+from timevlm_platform.console import PREFIX
 
 
 def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
@@ -234,3 +235,28 @@ def flush_all(client: MlflowClient, root: str | Path, timeout_s: float) -> list[
         if not DurableRun(client, run_id, root).flush_until(max(0.0, deadline - time.monotonic())):
             left.append(run_id)
     return left
+
+
+def tracking_spool_root(storage: str, parent_run_id: str) -> str:
+    """Where a study's MLflow calls wait while the server is away: beside its Ray results (shared storage on a
+    cluster, so the driver can send what a worker node left), else a local temporary folder."""
+    if "://" in storage:
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "timevlm-tracking-spool" / parent_run_id)
+    return str(Path(storage) / "tracking_spool" / parent_run_id)
+
+
+def deliver_journals(client: MlflowClient, parent: str, root: str, timeout_s: float) -> dict[str, int]:
+    """The end of the study: send what trials journaled while MLflow was away, and say how it went."""
+    left = flush_all(client, root, timeout_s)
+    delayed, waiting = delayed_counts(root)
+    if delayed or waiting:
+        how = ("all sent" if not waiting else
+               f"{waiting} still waiting in {root} (MLflow did not answer for {timeout_s:.0f}s; runs "
+               f"{', '.join(r[:8] for r in left)}; --resume sends them)")
+        print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
+              file=sys.stderr if waiting else sys.stdout, flush=True)
+    tracking.safe("log tracking delivery", lambda: tracking.log_metrics(
+        client, parent, tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting})))
+    return {"delayed": delayed, "waiting": waiting}

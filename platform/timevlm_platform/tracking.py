@@ -87,9 +87,8 @@ def experiment_url(base: str, experiment_id: str) -> str:
 
 
 def default_tracking_uri(base: Path | None = None) -> str:
-    base = (base or Path.cwd()) / "mlruns"
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'mlflow.db'}"
+    """The embedded store under `base` (made by `check_reachable` when first used)."""
+    return f"sqlite:///{(base or Path.cwd()) / 'mlruns' / 'mlflow.db'}"
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -141,6 +140,8 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail at start, not after an hour of training, if the tracking store cannot be used."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    if tracking_uri.startswith("sqlite:///"):  # an embedded store: its folder is made on first use
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001

@@ -27,9 +27,10 @@ from timevlm_platform.plots import forecast_plot, image_grid
 
 def visualize(run_id: str, tracking_uri: str | None, out: str, n_windows: int = 4,
               data_dir: str | None = None, cache_dir: str | None = None) -> list[Path]:
-    from timevlm_platform.runner import platform_home
+    from timevlm_platform.settings import platform_home
 
     uri = tracking_uri or tracking.default_tracking_uri(platform_home())
+    tracking.check_reachable(uri)
     client = MlflowClient(uri)
     model_uri = client.get_run(run_id).data.tags.get(tracking.MODEL_URI_TAG)
     if not model_uri:

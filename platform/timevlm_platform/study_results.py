@@ -1,0 +1,171 @@
+"""A study's outcome in MLflow: the trials table, each cell's best trial (marked, its model registered), the
+study run's summary metrics, and the closing of runs that Tune's scheduler stopped."""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from timevlm_platform import model_logging, tracking
+from timevlm_platform.console import PREFIX
+from timevlm_platform.study import CELL_KEY, Cell, StudySpec
+
+
+def trials_table(results: tune.ResultGrid, spec: StudySpec, cells: dict[str, Cell]) -> pd.DataFrame:
+    zero_shot = any(c.test_dataset for c in cells.values())
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        cell = cells[r.config[CELL_KEY]] if CELL_KEY in (r.config or {}) else next(iter(cells.values()))
+        status = "ERROR" if r.error else ("DONE" if "test_mse" in m else "STOPPED")
+        row = {"dataset": cell.dataset, **({"test_dataset": cell.test_dataset} if zero_shot else {}),
+               "horizon": cell.horizon,
+               "trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
+        row.update({key.split(".", 1)[-1]: r.config.get(key) for key in spec.searched_keys})
+        if spec.seeds > 1:
+            row["seed"] = r.config.get("train.seed")
+        row.update({"epochs": m.get("epoch"), spec.metric: m.get(spec.metric),
+                    "test_mse": m.get("test_mse"), "test_mae": m.get("test_mae")})
+        if r.error:
+            row["error"] = str(r.error).strip().splitlines()[-1][:80]
+        row["seconds"] = m.get("time_total_s", 0.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def utilisation(trial_seconds: float, slots: int, wall: float) -> float:
+    """Share of the cluster's trial slots kept busy while the study's trials ran: slot-seconds the trials held
+    over slots x the wall time of the trial phase (the up-front feature build and setup are reported beside)."""
+    return trial_seconds / (slots * wall) if slots and wall > 0 else float("nan")
+
+
+def trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str, since: float) -> float:
+    """How long trials held their slots in this invocation: each trial run's start to end in MLflow (the driver
+    opens it first and closes it last, so Train's worker start and shutdown count; Tune's time_total_s stops
+    at the last report). Runs finished before `since` (an earlier, resumed invocation) are not counted."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
+                              max_results=10000)
+    return sum((r.info.end_time - max(r.info.start_time, since * 1000)) / 1000 for r in runs
+               if r.info.end_time and r.info.end_time >= since * 1000)
+
+
+def close_stopped(client: MlflowClient, experiment_id: str, parent_id: str, stopped: set[str],
+                   scheduler: str = "ASHA") -> None:
+    """Tune's verdict decides how a stopped trial's MLflow run ends. A trial the scheduler stopped early is a
+    normal outcome, not an error: its run is FINISHED and its name and description say at which epoch it
+    stopped. The run may still be RUNNING (its driver was ended before it could close the run), or FAILED: the
+    driver's TorchTrainer can raise while Tune tears the trial down, and the driver then reports the teardown
+    as a failure (seen in CI); both are corrected here. `stopped`: the trial ids Tune reports as STOPPED."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
+                              max_results=10000)
+    for run in runs:
+        if run.data.tags.get(tracking.TRIAL_TAG) not in stopped or tracking.OUTCOME_TAG in run.data.tags:
+            continue
+        epoch = int(run.data.metrics.get("epoch", 0))
+        outcome = f"stopped by {scheduler} at epoch {epoch}"
+        note = run.data.tags.get(tracking.DESCRIPTION_TAG, "")
+
+        def close(run=run, outcome=outcome, note=note) -> None:
+            tracking.set_tags(client, run.info.run_id, {
+                tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
+                tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
+                                          f"worse part of the trials that reached that epoch."})
+            if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
+                client.delete_tag(run.info.run_id, "failure_reason")
+            client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
+            client.set_terminated(run.info.run_id, "FINISHED")
+
+        tracking.safe("close stopped trial", close)
+
+
+def _metric_values(best, keys) -> dict[str, float]:
+    return {k: float(best[k]) for k in keys
+            if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
+
+
+BEST_MARK = "[best] "  # in front: the runs table cuts long names at the end
+
+
+def _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best, many_cells: bool) -> str | None:
+    """Mark a cell's best trial (by validation), register its model, and note it on the study's run; returns the
+    registered model's name."""
+    registered = None
+    run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: best["trial"]})
+    prefix = f"best.{cell.label.replace('-', '.')}"
+    tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
+    tags.update({f"{prefix}.{key}": best[key.split('.', 1)[-1]] for key in spec.searched_keys})
+    metrics = _metric_values(best, (spec.metric, "test_mse", "test_mae"))
+    if run is not None:
+        tags[f"{prefix}.run_id"] = run.info.run_id
+        def mark() -> None:  # the best trial says so in its name, which the runs table shows first
+            tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"})
+            if not run.info.run_name.startswith(BEST_MARK):
+                client.update_run(run.info.run_id, name=f"{BEST_MARK}{run.info.run_name}")
+
+        tracking.safe("tag best trial", mark)
+        model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+        if model_uri:
+            name = model_logging.registered_name(spec.name, cell.label)
+            version = tracking.safe("register best model", lambda: model_logging.register_best(
+                client, tracking_uri, name, model_uri, run.info.run_id,
+                {**metrics, "trial": best["trial"], "study": spec.name, "cell": cell.label,
+                 **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}},
+                f"Best trial of study {spec.name} on {cell.label}, chosen on validation {spec.metric}."))
+            if version:
+                registered = name
+                tags[f"{prefix}.registered_model"] = f"{name}/{version}"
+                print(f"{PREFIX} registered {name} version {version} (alias @best): trial {best['trial']}, "
+                      f"model {model_uri}", flush=True)
+    tracking.safe("tag study best", lambda: tracking.set_tags(client, parent, tags))
+    if many_cells:  # the cell's own figures, grouped under its label in MLflow's charts
+        tracking.safe("log cell best", lambda: tracking.log_metrics(
+            client, parent, {f"{cell.label}/{k}": v for k, v in metrics.items()}))
+    return registered
+
+
+def log_study_metrics(client, parent, spec, bests: dict) -> None:
+    """The study's result on its run: the best trials' values, averaged over cells when there are several (the
+    paper's "average over horizons" rows), as `study/<metric>`: under the trials' own names the study's row
+    would tie with its best trial when the runs are sorted or charted by them."""
+    per_cell = [_metric_values(b, (spec.metric, "test_mse", "test_mae")) for b in bests.values()]
+    keys = set().union(*per_cell) if per_cell else set()
+    means = {f"study/{k}": float(np.mean([m[k] for m in per_cell if k in m])) for k in keys}
+    tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, means))
+
+
+def finish_parent(client, parent, table: pd.DataFrame, usage: dict[str, float]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "trials.csv"
+        table.to_csv(p, index=False)
+        tracking.safe("log trials table", lambda: client.log_artifact(parent, str(p)))
+    tracking.safe("log study usage", lambda: tracking.log_metrics(client, parent, tracking.system(usage)))
+    failed = int((table.get("status") == "ERROR").sum()) if len(table) else 0
+    tracking.safe("finish study run", lambda: tracking.finish(client, parent, True))
+    if failed:
+        print(f"[timevlm-platform] {failed} trial(s) failed; see the table and their MLflow runs", file=sys.stderr)
+
+
+def record_bests(client: MlflowClient, tracking_uri: str, experiment_id: str, parent: str, spec: StudySpec,
+                 cells: dict[str, Cell], table: pd.DataFrame) -> tuple[dict[str, pd.Series], list[str]]:
+    """Each cell's best trial by the study's validation metric: marked, its model registered; returns the best
+    rows by cell label and the registered model names."""
+    bests, registered = {}, []
+    for label, cell in cells.items():
+        ok = table[(table["dataset"] == cell.dataset) & (table["horizon"] == cell.horizon)]
+        if cell.test_dataset:
+            ok = ok[ok["test_dataset"] == cell.test_dataset]
+        ok = ok.dropna(subset=[spec.metric])
+        if len(ok):
+            best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
+            bests[label] = best
+            name = _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best,
+                             many_cells=len(spec.cells()) > 1)
+            registered += [name] if name else []
+    log_study_metrics(client, parent, spec, bests)
+    return bests, registered
