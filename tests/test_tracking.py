@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
 from timevlm_platform.console import trial_line
+from timevlm_platform.spool import DurableRun
 from timevlm_platform.study_results import close_stopped
 
 
@@ -23,7 +24,9 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     # the driver of a stopped trial can see its TorchTrainer raise during the teardown and report a failure
     tracking.finish(c, torn_down, False, reason="TrainingFailedError: the controller was stopped")
     tracking.finish(c, done, True)
-    close_stopped(c, exp, parent, {"t0", "t2"})
+    study = DurableRun(c, parent, tmp_path / "spool", count_delays=False)
+    close_stopped(study, exp, {"t0", "t2"})
+    assert not study.pending()
     run = c.get_run(stopped)
     assert run.info.status == "FINISHED"  # not FAILED, not KILLED: early stopping is a normal outcome
     assert run.info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
@@ -33,7 +36,7 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 1"
     assert c.get_run(done).info.run_name == "ETTh1-96 d_model=32 #00001"  # finished trials are left alone
     assert c.get_run(running).info.status == "RUNNING"  # no verdict of STOPPED: not called stopped
-    close_stopped(c, exp, parent, {"t0", "t2"})  # a second call (e.g. --resume) renames nothing twice
+    close_stopped(study, exp, {"t0", "t2"})  # a second call (e.g. --resume) renames nothing twice
     assert c.get_run(stopped).info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
 
 

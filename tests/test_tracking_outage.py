@@ -57,12 +57,15 @@ def test_journal_keeps_calls_in_order_while_the_server_is_away_and_sends_them_af
 
 
 @pytest.mark.slow
-def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
-    """tune.py against a real server that is stopped while the first trial trains and started again 15 s later:
-    every trial run ends with every epoch's metrics, its test metrics, its plot and its model; no duplicate run;
-    the study says how many calls were delayed and that none is left."""
+def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_cache):
+    """tune.py against a real server that is stopped twice: while the first trial trains (started again 15 s
+    later), and after the last trial, before the study writes its outcome (started again 10 s later). Every
+    trial run ends with every epoch's metrics, its test metrics, its plot and its model; no duplicate run; the
+    study's run gets its summary metrics, trials.csv and best-trial tags, and the best model its registered
+    version; the study says how many calls were delayed and that none is left."""
     backend, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
-    log = tmp_path / "server.log"
+    log, pause = tmp_path / "server.log", tmp_path / "pause"
+    pause.mkdir()
     study = {"name": "outage", "datasets": ["ETTh1"], "horizons": [24],
              "fixed": {"model": {"seq_len": 48, "d_model": 16, "d_fusion": 32, "memory_size": 8},
                        "data": {"max_windows": 96}, "train": {"batch_size": 32, "patience": 10}},
@@ -70,8 +73,8 @@ def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
              "budget": {"trials": 2, "epochs": 4}, "scheduler": {"type": "fifo"},
              "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent": 1}}
     (tmp_path / "outage.yaml").write_text(yaml.safe_dump(study))
-    env = {**os.environ, "TIMEVLM_FAULTS": json.dumps({"epoch_sleep_s": 3}), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+           "TIMEVLM_FAULTS": json.dumps({"epoch_sleep_s": 3, "pause_at": {"study_end": str(pause)}})}
     env.pop("RAY_ADDRESS", None)
     with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:
         proc = subprocess.Popen([sys.executable, "tune.py", "--study", str(tmp_path / "outage.yaml"),
@@ -91,6 +94,14 @@ def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
         assert proc.poll() is None, "".join(out)[-3000:]
     # the server is stopped here ...
     time.sleep(15)
+    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art"):  # ... and back
+        deadline = time.time() + 600
+        while not (pause / "paused").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)  # the trials are done and sent; the study is about to write its outcome
+        assert (pause / "paused").exists(), "".join(out)[-3000:]
+    # stopped again while the study writes its outcome
+    (pause / "resume").touch()
+    time.sleep(10)
     with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:  # ... and back
         assert proc.wait(timeout=600) == 0, "".join(out)[-3000:]
         reader.join(timeout=10)
@@ -107,11 +118,23 @@ def test_server_stopped_mid_study_loses_nothing(tmp_path, shared_cache):
             assert [a.path for a in client.list_artifacts(r.info.run_id, "plots")] == ["plots/forecast_test.png"]
             assert r.data.tags[tracking.MODEL_URI_TAG].startswith("models:/")
         delayed = sum(r.data.metrics.get("system/tracking_calls_delayed", 0) for r in kids)
-        assert delayed > 0  # the outage really fell inside a trial
+        assert delayed > 0  # the first outage really fell inside a trial
+        # the study's outcome, written while the server was away, arrived
         parent = next(r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "study")
+        assert parent.info.status == "FINISHED"
+        assert {"study/best_val_mse", "study/test_mse", "study/test_mae", "system/cluster_utilisation"} \
+            <= set(parent.data.metrics)
+        assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["trials.csv"]
+        best = next(r for r in kids if r.data.tags.get(tracking.BEST_TAG) == "true")
+        assert best.info.run_name.startswith("[best] ")
+        assert parent.data.tags["best.ETTh1.24.run_id"] == best.info.run_id
+        version = client.get_model_version_by_alias("timevlm-outage-ETTh1-24", "best")
+        assert version.run_id == best.info.run_id
+        assert parent.data.tags["best.ETTh1.24.registered_model"] == f"timevlm-outage-ETTh1-24/{version.version}"
         assert parent.data.metrics["system/tracking_calls_waiting"] == 0
-        assert parent.data.metrics["system/tracking_calls_delayed"] == delayed
+        assert parent.data.metrics["system/tracking_calls_delayed"] > delayed  # the study's own calls too
         assert "were delayed while the tracking server was away; all sent" in text
+        assert "registered timevlm-outage-ETTh1-24 version 1" in text
         print(next(line for line in text.splitlines() if "were delayed" in line))  # for the log (pytest -s)
         # and the model logged after the outage loads and forecasts
         import mlflow

@@ -35,3 +35,18 @@ def slow_epoch() -> None:
         import time
 
         time.sleep(seconds)
+
+
+def pause(point: str, timeout_s: float = 300.0) -> None:
+    """{"pause_at": {"study_end": DIR}}: at that point of the study, write DIR/paused and wait (at most
+    timeout_s) until DIR/resume exists, so a test can act there (stop the tracking server)."""
+    folder = _spec().get("pause_at", {}).get(point)
+    if not folder:
+        return
+    import time
+    from pathlib import Path
+
+    (Path(folder) / "paused").touch()
+    deadline = time.monotonic() + timeout_s
+    while not (Path(folder) / "resume").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)

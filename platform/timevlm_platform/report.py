@@ -10,6 +10,7 @@ Selection is by validation; test metrics are reported.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from timevlm.errors import ConfigError  # noqa: E402
 from timevlm_platform import tracking  # noqa: E402
 from timevlm_platform.paper import beside_paper  # noqa: E402
+from timevlm_platform.spool import DurableRun  # noqa: E402
 from timevlm_platform.study import VARIANT_KEY, StudySpec  # noqa: E402
 
 METRICS = ("best_val_mse", "test_mse", "test_mae")
@@ -222,8 +224,12 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
             lines += [f"![importances]({figures[-1].name})", ""]
     (dest / "report.md").write_text("\n".join(lines))
     tables = [dest / n for n in ("report.md", "results.csv", "trials.csv", "ablation.csv") if (dest / n).exists()]
+    run = DurableRun(client, parent, None, count_delays=False)
     for f in [*tables, *figures]:
-        tracking.safe(f"log report {f.name}", lambda f=f: client.log_artifact(parent, str(f), "report"))
+        run.log_artifact(f, "report")
+    if not run.flush_until(60):
+        print(f"WARNING: MLflow did not answer for 60 s; the report's artifacts wait in {run.journal}, and the "
+              f"next `tune.py report` sends them first", file=sys.stderr)
     print("\n".join(lines))
     print(f"\nwrote {dest} (also logged to MLflow run {parent}, artifacts/report)")
     return dest

@@ -19,7 +19,7 @@ from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from timevlm.errors import ConfigError
-from timevlm_platform import cluster_checks, spool, study_results, tracking
+from timevlm_platform import cluster_checks, faults, spool, study_results, tracking
 from timevlm_platform.console import TrialLines, quiet_driver, quiet_worker
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import forget_optuna_study, num_samples, param_space, scheduler, searcher, searcher_kind
@@ -108,7 +108,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     concurrency = cluster_checks.cluster_concurrency(spec)
     cluster_checks.check_nodes_have_inputs(spec.name, *cluster_checks.node_inputs(
         spec, paths.data_dir, paths.cache_dir, opts.use_feature_cache), cluster_checks.alive_nodes())
-    built = _prebuild(spec, opts, paths, client, parent)
+    built = _prebuild(spec, opts, paths, spool.DurableRun(client, parent, spool_root, count_delays=False))
     print(f"[timevlm-platform] study {spec.name}: {len(spec.cells())} cell(s) x "
           f"{'grid' if spec.searcher == 'grid' else spec.trials} trials, {spec.epochs} epochs, "
           f"{concurrency} concurrent; MLflow {paths.tracking_uri} (experiment {exp_name}, parent run {parent})",
@@ -123,22 +123,29 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     t_trials, t_fit = time.time(), time.perf_counter()
     tables = _fit_groups(groups, concurrency, opts.verbose)
     trials_wall = time.perf_counter() - t_fit
-    delivery = spool.deliver_journals(client, parent, spool_root, opts.tracking_wait_s)
-    stopped = {t for table in tables for t in table.loc[table["status"] == "STOPPED", "trial"]}
-    study_results.close_stopped(client, experiment_id, parent, stopped, spec.scheduler.type.upper())
-    cells = {label: cell for ctx, _ in groups for label, cell in ctx.cells.items()}
+    # what trials kept while MLflow was away is sent first (the study's outcome reads their runs); the study's
+    # outcome then goes to its run through the same kind of journal: an outage from here on delays it, no more
+    deadline = time.monotonic() + opts.tracking_wait_s
+    spool.flush_all(client, spool_root, opts.tracking_wait_s, last=parent)
+    faults.pause("study_end")
+    study = spool.DurableRun(client, parent, spool_root, count_delays=False)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    bests, registered = study_results.record_bests(client, paths.tracking_uri, experiment_id, parent, spec, cells,
-                                                   table)
+    stopped = {t for t in table.loc[table["status"] == "STOPPED", "trial"]} if len(table) else set()
+    study_results.close_stopped(study, experiment_id, stopped, spec.scheduler.type.upper())
+    cells = {label: cell for ctx, _ in groups for label, cell in ctx.cells.items()}
+    bests, registered = study_results.record_bests(study, paths.tracking_uri, experiment_id, spec, cells, table)
     wall = time.perf_counter() - t_start
-    busy = study_results.trial_busy_seconds(client, experiment_id, parent, since=t_trials)
+    busy = study_results.trial_busy_seconds(client, experiment_id, parent, t_trials, table)
     usage = {"cluster_utilisation": study_results.utilisation(busy, concurrency, trials_wall),
              "trial_slots": concurrency, "trial_seconds_sum": busy, "trials_wall_seconds": trials_wall,
              "study_wall_seconds": wall}
     print(f"[timevlm-platform] study {spec.name}: {wall:.0f}s wall ({trials_wall:.0f}s of it running trials); "
           f"trials busy {busy:.0f}s in {concurrency} slot(s): cluster utilisation "
           f"{usage['cluster_utilisation']:.2f}", flush=True)
-    study_results.finish_parent(client, parent, table, usage)
+    study_results.finish_parent(study, table, usage)
+    delivery = spool.deliver_journals(study, max(30.0, deadline - time.monotonic()))
+    if delivery["waiting"]:  # a registration still in the journal cannot be loaded yet: not announced
+        registered = []
     return {"table": table, "best": bests, "parent_run_id": parent, "experiment_id": experiment_id,
             "tracking_uri": paths.tracking_uri, "wall_seconds": wall, "storage": paths.storage, "usage": usage,
             "prebuild": built, "log_failures": tracking.LogFailures.count, "optuna_storage": paths.optuna_storage,
@@ -178,7 +185,7 @@ def _start_ray(opts: RunOptions) -> None:
     quiet_driver(opts.verbose)
 
 
-def _prebuild(spec: StudySpec, opts: RunOptions, paths: StudyPaths, client: MlflowClient, parent: str):
+def _prebuild(spec: StudySpec, opts: RunOptions, paths: StudyPaths, study: spool.DurableRun):
     """The study's VLM features as one distributed batch job before the trials (None when off or failed)."""
     if not (opts.use_feature_cache and opts.prebuild):
         return None
@@ -191,9 +198,9 @@ def _prebuild(spec: StudySpec, opts: RunOptions, paths: StudyPaths, client: Mlfl
               f"each trial builds the features it misses instead", file=sys.stderr, flush=True)
         return None
     print(f"[timevlm-platform] features: {built.line()}", flush=True)
-    tracking.safe("log prebuild", lambda: tracking.log_metrics(client, parent, tracking.system({
+    study.log_metrics(tracking.system({
         "features_needed": built.needed, "features_cached": built.present, "features_built": built.built,
-        "features_build_seconds": built.seconds, "features_build_nodes": len(built.nodes)})))
+        "features_build_seconds": built.seconds, "features_build_nodes": len(built.nodes)}))
     return built
 
 

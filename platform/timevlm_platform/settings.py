@@ -24,9 +24,8 @@ def platform_home() -> Path:
 def default_optuna_storage(tracking_uri: str, home: Path) -> str:
     """Optuna's studies in an SQLite file beside the embedded MLflow store (or in the platform's home when MLflow
     is a server), so `optuna-dashboard <url>` shows every searched study and --resume continues its sampler."""
-    if tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    return f"sqlite:///{home / 'optuna.db'}"
+    db = tracking.sqlite_path(tracking_uri)
+    return f"sqlite:///{(db.parent if db else home) / 'optuna.db'}"
 
 
 @dataclass(frozen=True)

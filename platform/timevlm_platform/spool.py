@@ -9,6 +9,7 @@ value), params and tags are set to the same value, artifacts are overwritten.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -98,15 +99,34 @@ OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": tracking.lo
 FILE_ARGS = {"artifact": "path", "model": "path"}  # ops whose file or folder is copied into the journal
 
 
+def op(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a journaled call made of several MLflow requests (`fn(client, run_id, **kw)`, its kw JSON): it
+    runs whole when the server answers, now or at a replay, so it may read what it needs from the server then
+    (the study's end: mark the best trial, register its model). It must be safe to run twice."""
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        OPS[name] = fn
+        return fn
+    return register
+
+
+def _run_op(client: MlflowClient, run_id: str, name: str, kw: dict[str, Any]) -> Any:
+    if name not in OPS:  # a study's own calls, replayed by a process that has not imported them yet
+        importlib.import_module("timevlm_platform.study_results")  # registers them
+    return OPS[name](client, run_id, **kw)
+
+
 class DurableRun:
     """One MLflow run's logging calls: sent at once while the server answers, journaled while it does not."""
 
-    def __init__(self, client: MlflowClient, run_id: str, root: str | Path | None, retries: int = 3) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, root: str | Path | None, retries: int = 3,
+                 count_delays: bool = True) -> None:
         # MLflow's HTTP client retries a refused request 7 times with exponential backoff (minutes per call)
         # before it fails; here a failed call is kept, not lost, so fail fast and journal
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.client, self.run_id, self.retries = client, run_id, retries
+        # a trial's run shows how many of its calls came late; the study's run shows the study's total instead
+        self.count_delays = count_delays
         self.root = Path(root) if root else Path(tempfile.gettempdir()) / "timevlm-tracking-spool"
         self.journal = self.root / f"{run_id}.jsonl"
         self.files = self.root / run_id
@@ -146,26 +166,22 @@ class DurableRun:
         return self.journal.exists()
 
     def call(self, op: str, **kw: Any) -> Any:
-        """Send now if nothing is waiting before it and the server answers; else append to the journal."""
+        """Send now if nothing is waiting before it and the server answers (returns the call's result); else
+        append to the journal (returns None)."""
         if not self.flush():
             self._append(op, kw)
             return None
-        delay = 0.2
-        for attempt in range(self.retries):
-            try:
-                return OPS[op](self.client, self.run_id, **kw)
-            except Exception as e:  # noqa: BLE001 - the server or network is away: keep the call
-                if rejected(e):
-                    _report_rejection(self.run_id, op, e)
-                    return None
-                if attempt == self.retries - 1:
-                    self._append(op, kw)
-                    print(f"[timevlm-platform] MLflow is not answering ({type(e).__name__}); run {self.run_id[:8]}'s "
-                          f"calls are kept in {self.journal} and sent when it is back", file=sys.stderr, flush=True)
-                    return None
-                time.sleep(delay)
-                delay *= 2
-        return None
+        try:
+            return tracking.backoff(lambda: _run_op(self.client, self.run_id, op, kw), tries=self.retries,
+                                    give_up=rejected)
+        except Exception as e:  # noqa: BLE001 - the server or network is away: keep the call
+            if rejected(e):
+                _report_rejection(self.run_id, op, e)
+                return None
+            self._append(op, kw)
+            print(f"[timevlm-platform] MLflow is not answering ({type(e).__name__}); run {self.run_id[:8]}'s "
+                  f"calls are kept in {self.journal} and sent when it is back", file=sys.stderr, flush=True)
+            return None
 
     def _append(self, op: str, kw: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -188,7 +204,7 @@ class DurableRun:
         for i, line in enumerate(lines):
             entry = json.loads(line)
             try:
-                OPS[entry["op"]](self.client, self.run_id, **entry["kw"])
+                _run_op(self.client, self.run_id, entry["op"], entry["kw"])
             except Exception as e:  # noqa: BLE001 - still away: keep the rest, in order
                 if rejected(e):
                     _report_rejection(self.run_id, entry["op"], e)
@@ -200,6 +216,8 @@ class DurableRun:
         delayed = int(self.counter.read_text()) if self.counter.exists() else 0
         self.journal.unlink()
         shutil.rmtree(self.files, ignore_errors=True)
+        if not self.count_delays:
+            return True
         try:  # the run says how many of its calls came late (visible in its metrics)
             _metrics(self.client, self.run_id, [[tracking.SYSTEM_PREFIX + "tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
         except Exception:  # noqa: BLE001
@@ -225,14 +243,16 @@ def delayed_counts(root: str | Path) -> tuple[int, int]:
     return delayed, waiting
 
 
-def flush_all(client: MlflowClient, root: str | Path, timeout_s: float) -> list[str]:
-    """Send every journal under `root` (the study's end); returns the run ids still waiting after timeout_s."""
+def flush_all(client: MlflowClient, root: str | Path, timeout_s: float, last: str | None = None) -> list[str]:
+    """Send every journal under `root` (the study's end), the run `last` after the others (the study's own
+    calls read what its trials logged); returns the run ids still waiting after timeout_s."""
     root = Path(root)
-    runs = [p.stem for p in root.glob("*.jsonl")] if root.is_dir() else []
+    runs = sorted((p.stem for p in root.glob("*.jsonl")), key=lambda r: r == last) if root.is_dir() else []
     deadline = time.monotonic() + timeout_s
     left = []
     for run_id in runs:
-        if not DurableRun(client, run_id, root).flush_until(max(0.0, deadline - time.monotonic())):
+        run = DurableRun(client, run_id, root, count_delays=run_id != last)
+        if not run.flush_until(max(0.0, deadline - time.monotonic())):
             left.append(run_id)
     return left
 
@@ -247,9 +267,11 @@ def tracking_spool_root(storage: str, parent_run_id: str) -> str:
     return str(Path(storage) / "tracking_spool" / parent_run_id)
 
 
-def deliver_journals(client: MlflowClient, parent: str, root: str, timeout_s: float) -> dict[str, int]:
-    """The end of the study: send what trials journaled while MLflow was away, and say how it went."""
-    left = flush_all(client, root, timeout_s)
+def deliver_journals(study: DurableRun, timeout_s: float) -> dict[str, int]:
+    """The end of the study: send what its trials and its own run journaled while MLflow was away (waiting up to
+    timeout_s for the server), say how it went, and log the totals on the study's run."""
+    root = study.root
+    left = flush_all(study.client, root, timeout_s, last=study.run_id)
     delayed, waiting = delayed_counts(root)
     if delayed or waiting:
         how = ("all sent" if not waiting else
@@ -257,6 +279,5 @@ def deliver_journals(client: MlflowClient, parent: str, root: str, timeout_s: fl
                f"{', '.join(r[:8] for r in left)}; --resume sends them)")
         print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
               file=sys.stderr if waiting else sys.stdout, flush=True)
-    tracking.safe("log tracking delivery", lambda: tracking.log_metrics(
-        client, parent, tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting})))
+    study.log_metrics(tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting}))
     return {"delayed": delayed, "waiting": waiting}

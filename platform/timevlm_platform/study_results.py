@@ -6,14 +6,16 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from timevlm_platform import model_logging, tracking
+from timevlm_platform import model_logging, spool, tracking
 from timevlm_platform.console import PREFIX
+from timevlm_platform.spool import DurableRun
 from timevlm_platform.study import CELL_KEY, Cell, StudySpec
 
 
@@ -45,23 +47,35 @@ def utilisation(trial_seconds: float, slots: int, wall: float) -> float:
     return trial_seconds / (slots * wall) if slots and wall > 0 else float("nan")
 
 
-def trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str, since: float) -> float:
+def trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str, since: float,
+                       table: pd.DataFrame) -> float:
     """How long trials held their slots in this invocation: each trial run's start to end in MLflow (the driver
     opens it first and closes it last, so Train's worker start and shutdown count; Tune's time_total_s stops
-    at the last report). Runs finished before `since` (an earlier, resumed invocation) are not counted."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
-                              max_results=10000)
+    at the last report). Runs finished before `since` (an earlier, resumed invocation) are not counted. With
+    the server away, Tune's own times (the table's `seconds`)."""
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
+                                  max_results=10000)
+    except Exception:  # noqa: BLE001 - a figure about the study, not a result: the lower bound will do
+        return float(table["seconds"].sum()) if "seconds" in table else 0.0
     return sum((r.info.end_time - max(r.info.start_time, since * 1000)) / 1000 for r in runs
                if r.info.end_time and r.info.end_time >= since * 1000)
 
 
-def close_stopped(client: MlflowClient, experiment_id: str, parent_id: str, stopped: set[str],
-                   scheduler: str = "ASHA") -> None:
-    """Tune's verdict decides how a stopped trial's MLflow run ends. A trial the scheduler stopped early is a
-    normal outcome, not an error: its run is FINISHED and its name and description say at which epoch it
-    stopped. The run may still be RUNNING (its driver was ended before it could close the run), or FAILED: the
-    driver's TorchTrainer can raise while Tune tears the trial down, and the driver then reports the teardown
-    as a failure (seen in CI); both are corrected here. `stopped`: the trial ids Tune reports as STOPPED."""
+def close_stopped(study: DurableRun, experiment_id: str, stopped: set[str], scheduler: str = "ASHA") -> None:
+    """Tune's verdict decides how a stopped trial's MLflow run ends (a journaled call of the study's run)."""
+    if stopped:
+        study.call("close_stopped", experiment_id=experiment_id, stopped=sorted(stopped), scheduler=scheduler)
+
+
+@spool.op("close_stopped")
+def _close_stopped(client: MlflowClient, parent_id: str, experiment_id: str, stopped: list[str],
+                   scheduler: str) -> None:
+    """A trial the scheduler stopped early is a normal outcome, not an error: its run is FINISHED and its name
+    and description say at which epoch it stopped. The run may still be RUNNING (its driver was ended before
+    it could close the run), or FAILED: the driver's TorchTrainer can raise while Tune tears the trial down,
+    and the driver then reports the teardown as a failure (seen in CI); both are corrected here. `stopped`:
+    the trial ids Tune reports as STOPPED. Runs already closed so are left alone (a replay changes nothing)."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
                               max_results=10000)
     for run in runs:
@@ -70,18 +84,14 @@ def close_stopped(client: MlflowClient, experiment_id: str, parent_id: str, stop
         epoch = int(run.data.metrics.get("epoch", 0))
         outcome = f"stopped by {scheduler} at epoch {epoch}"
         note = run.data.tags.get(tracking.DESCRIPTION_TAG, "")
-
-        def close(run=run, outcome=outcome, note=note) -> None:
-            tracking.set_tags(client, run.info.run_id, {
-                tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
-                tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
-                                          f"worse part of the trials that reached that epoch."})
-            if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
-                client.delete_tag(run.info.run_id, "failure_reason")
-            client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
-            client.set_terminated(run.info.run_id, "FINISHED")
-
-        tracking.safe("close stopped trial", close)
+        tracking.set_tags(client, run.info.run_id, {
+            tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
+            tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
+                                      f"worse part of the trials that reached that epoch."})
+        if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
+            client.delete_tag(run.info.run_id, "failure_reason")
+        client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
+        client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def _metric_values(best, keys) -> dict[str, float]:
@@ -92,69 +102,77 @@ def _metric_values(best, keys) -> dict[str, float]:
 BEST_MARK = "[best] "  # in front: the runs table cuts long names at the end
 
 
-def _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best, many_cells: bool) -> str | None:
-    """Mark a cell's best trial (by validation), register its model, and note it on the study's run; returns the
-    registered model's name."""
+@spool.op("mark_best")
+def _mark_best(client: MlflowClient, parent: str, experiment_id: str, trial: str, prefix: str, tags: dict[str, str],
+               register: dict[str, Any] | None, tracking_uri: str) -> str | None:
+    """Mark a cell's best trial (its name starts with BEST_MARK), register its logged model as `register["name"]`
+    (once: a replay finds the version it made), and note both on the study's run. Returns "name/version" or None.
+    A journaled call of the study's run: it reads the trial's run (its id, its model) when the server answers."""
+    run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial})
     registered = None
-    run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: best["trial"]})
+    if run is not None:
+        tags = {**tags, f"{prefix}.run_id": run.info.run_id}
+        tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"})
+        if not run.info.run_name.startswith(BEST_MARK):
+            client.update_run(run.info.run_id, name=f"{BEST_MARK}{run.info.run_name}")
+        model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+        if model_uri and register:
+            version = model_logging.register_best(client, tracking_uri, register["name"], model_uri,
+                                                  run.info.run_id, register["tags"], register["description"])
+            registered = f"{register['name']}/{version}"
+            tags[f"{prefix}.registered_model"] = registered
+            print(f"{PREFIX} registered {register['name']} version {version} (alias @best): trial {trial}, "
+                  f"model {model_uri}", flush=True)
+    tracking.set_tags(client, parent, tags)
+    return registered
+
+
+def _tag_best(study: DurableRun, tracking_uri, experiment_id, spec, cell, best, many_cells: bool) -> str | None:
+    """Mark a cell's best trial (by validation), register its model, and note it on the study's run; returns the
+    registered model's name (also when the server is away and the call waits in the journal), None when the
+    trial has no model to register."""
     prefix = f"best.{cell.label.replace('-', '.')}"
     tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
     tags.update({f"{prefix}.{key}": best[key.split('.', 1)[-1]] for key in spec.searched_keys})
     metrics = _metric_values(best, (spec.metric, "test_mse", "test_mae"))
-    if run is not None:
-        tags[f"{prefix}.run_id"] = run.info.run_id
-        def mark() -> None:  # the best trial says so in its name, which the runs table shows first
-            tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"})
-            if not run.info.run_name.startswith(BEST_MARK):
-                client.update_run(run.info.run_id, name=f"{BEST_MARK}{run.info.run_name}")
-
-        tracking.safe("tag best trial", mark)
-        model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
-        if model_uri:
-            name = model_logging.registered_name(spec.name, cell.label)
-            version = tracking.safe("register best model", lambda: model_logging.register_best(
-                client, tracking_uri, name, model_uri, run.info.run_id,
-                {**metrics, "trial": best["trial"], "study": spec.name, "cell": cell.label,
-                 **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}},
-                f"Best trial of study {spec.name} on {cell.label}, chosen on validation {spec.metric}."))
-            if version:
-                registered = name
-                tags[f"{prefix}.registered_model"] = f"{name}/{version}"
-                print(f"{PREFIX} registered {name} version {version} (alias @best): trial {best['trial']}, "
-                      f"model {model_uri}", flush=True)
-    tracking.safe("tag study best", lambda: tracking.set_tags(client, parent, tags))
+    name = model_logging.registered_name(spec.name, cell.label)
+    register = {"name": name, "description": f"Best trial of study {spec.name} on {cell.label}, chosen on "
+                                              f"validation {spec.metric}.",
+                "tags": {k: str(v) for k, v in {**metrics, "trial": best["trial"], "study": spec.name,
+                                                "cell": cell.label,
+                                                **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}}.items()}}
+    done = study.call("mark_best", experiment_id=experiment_id, trial=str(best["trial"]), prefix=prefix,
+                      tags={k: str(v) for k, v in tags.items()}, register=register, tracking_uri=tracking_uri)
     if many_cells:  # the cell's own figures, grouped under its label in MLflow's charts
-        tracking.safe("log cell best", lambda: tracking.log_metrics(
-            client, parent, {f"{cell.label}/{k}": v for k, v in metrics.items()}))
-    return registered
+        study.log_metrics({f"{cell.label}/{k}": v for k, v in metrics.items()})
+    return name if done or study.pending() else None
 
 
-def log_study_metrics(client, parent, spec, bests: dict) -> None:
+def log_study_metrics(study: DurableRun, spec, bests: dict) -> None:
     """The study's result on its run: the best trials' values, averaged over cells when there are several (the
     paper's "average over horizons" rows), as `study/<metric>`: under the trials' own names the study's row
     would tie with its best trial when the runs are sorted or charted by them."""
     per_cell = [_metric_values(b, (spec.metric, "test_mse", "test_mae")) for b in bests.values()]
     keys = set().union(*per_cell) if per_cell else set()
-    means = {f"study/{k}": float(np.mean([m[k] for m in per_cell if k in m])) for k in keys}
-    tracking.safe("log study best", lambda: tracking.log_metrics(client, parent, means))
+    study.log_metrics({f"study/{k}": float(np.mean([m[k] for m in per_cell if k in m])) for k in keys})
 
 
-def finish_parent(client, parent, table: pd.DataFrame, usage: dict[str, float]) -> None:
+def finish_parent(study: DurableRun, table: pd.DataFrame, usage: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "trials.csv"
         table.to_csv(p, index=False)
-        tracking.safe("log trials table", lambda: client.log_artifact(parent, str(p)))
-    tracking.safe("log study usage", lambda: tracking.log_metrics(client, parent, tracking.system(usage)))
+        study.log_artifact(p)  # a journaled call keeps a copy of the file
+    study.log_metrics(tracking.system(usage))
     failed = int((table.get("status") == "ERROR").sum()) if len(table) else 0
-    tracking.safe("finish study run", lambda: tracking.finish(client, parent, True))
+    study.terminate(True)
     if failed:
         print(f"[timevlm-platform] {failed} trial(s) failed; see the table and their MLflow runs", file=sys.stderr)
 
 
-def record_bests(client: MlflowClient, tracking_uri: str, experiment_id: str, parent: str, spec: StudySpec,
+def record_bests(study: DurableRun, tracking_uri: str, experiment_id: str, spec: StudySpec,
                  cells: dict[str, Cell], table: pd.DataFrame) -> tuple[dict[str, pd.Series], list[str]]:
     """Each cell's best trial by the study's validation metric: marked, its model registered; returns the best
-    rows by cell label and the registered model names."""
+    rows by cell label and the registered model names (those waiting for the server included)."""
     bests, registered = {}, []
     for label, cell in cells.items():
         ok = table[(table["dataset"] == cell.dataset) & (table["horizon"] == cell.horizon)]
@@ -164,8 +182,7 @@ def record_bests(client: MlflowClient, tracking_uri: str, experiment_id: str, pa
         if len(ok):
             best = ok.sort_values(spec.metric, ascending=spec.mode == "min").iloc[0]
             bests[label] = best
-            name = _tag_best(client, tracking_uri, experiment_id, parent, spec, cell, best,
-                             many_cells=len(spec.cells()) > 1)
+            name = _tag_best(study, tracking_uri, experiment_id, spec, cell, best, many_cells=len(spec.cells()) > 1)
             registered += [name] if name else []
-    log_study_metrics(client, parent, spec, bests)
+    log_study_metrics(study, spec, bests)
     return bests, registered

@@ -1,7 +1,8 @@
 """MLflow: embedded default store, reachability check, one parent run per study, one child run per trial.
 
-Every logging call goes through `safe()`: a failure (e.g. sqlite busy) is retried, and if it still fails
-it is reported loudly on stderr and counted, never swallowed silently and never allowed to kill a trial.
+What a run logs goes through `spool.DurableRun` (the trials' runs and the study's alike): a call that fails
+after `backoff` is kept in a journal on disk and sent when the server answers, never dropped and never
+allowed to kill a trial. Creating a run cannot be journaled (its id is the server's): `wait_for` waits.
 """
 from __future__ import annotations
 
@@ -91,57 +92,59 @@ def default_tracking_uri(base: Path | None = None) -> str:
     return f"sqlite:///{(base or Path.cwd()) / 'mlruns' / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded `sqlite:///` store (MLflow's or Optuna's), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def default_artifact_root(tracking_uri: str) -> str | None:
     """For the embedded sqlite store, artifacts go to a folder beside the database."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts")
-    return None  # a tracking server decides its own artifact root
+    db = sqlite_path(tracking_uri)
+    return str(db.parent / "artifacts") if db else None  # a tracking server decides its own artifact root
 
 
 class LogFailures:
     count = 0
 
 
-def safe(what: str, fn: Callable[[], T], retries: int = 5) -> T | None:
-    """Run an MLflow call with retries; on final failure, say so on stderr and return None."""
-    delay = 0.2
-    for attempt in range(retries):
+def backoff(fn: Callable[[], T], *, tries: int | None = None, timeout_s: float | None = None,
+            give_up: Callable[[Exception], bool] = lambda e: False, first_s: float = 0.2, cap_s: float = 10.0) -> T:
+    """Call `fn` until it returns, waiting twice as long after each failure (from first_s, at most cap_s), for
+    `tries` calls or until timeout_s has passed; the last exception, or one `give_up` says retrying cannot
+    fix, is raised. The one retry loop of the platform's MLflow calls (DurableRun.call, wait_for)."""
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+    delay, attempt = first_s, 0
+    while True:
+        attempt += 1
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - logging must never kill training
-            if attempt == retries - 1:
-                LogFailures.count += 1
-                print(f"[timevlm-platform] WARNING: MLflow {what} failed after {retries} tries: {e!r}",
-                      file=sys.stderr, flush=True)
-                return None
-            time.sleep(delay)
-            delay *= 2
-    return None
+        except Exception as e:  # noqa: BLE001 - the caller decides what a final failure means
+            out_of_tries = tries is not None and attempt >= tries
+            out_of_time = deadline is not None and time.monotonic() + delay > deadline
+            if give_up(e) or out_of_tries or out_of_time:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, cap_s)
 
 
 def wait_for(what: str, timeout_s: float, fn: Callable[[], T]) -> T | None:
     """Retry an MLflow call that cannot be journaled (creating a run: its id comes from the server) until it
     succeeds or timeout_s passes; then say so on stderr and return None."""
-    deadline, delay = time.monotonic() + timeout_s, 0.5
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            if time.monotonic() + delay > deadline:
-                LogFailures.count += 1
-                print(f"[timevlm-platform] WARNING: MLflow {what} failed for {timeout_s:.0f}s: {e!r}",
-                      file=sys.stderr, flush=True)
-                return None
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    try:
+        return backoff(fn, timeout_s=timeout_s, first_s=0.5)
+    except Exception as e:  # noqa: BLE001
+        LogFailures.count += 1
+        print(f"[timevlm-platform] WARNING: MLflow {what} failed for {timeout_s:.0f}s: {e!r}",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail at start, not after an hour of training, if the tracking store cannot be used."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
-    if tracking_uri.startswith("sqlite:///"):  # an embedded store: its folder is made on first use
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if db := sqlite_path(tracking_uri):  # an embedded store: its folder is made on first use
+        db.parent.mkdir(parents=True, exist_ok=True)
     try:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001
