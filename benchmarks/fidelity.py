@@ -122,7 +122,6 @@ def _train(run: Run, cfg: dict) -> dict[str, Any]:
 
 def _feature_configs(runs: list[Run], cfgs: list[dict]) -> list[dict]:
     from timevlm.config import ExperimentConfig
-    from timevlm.experiment import resolve_model_config
     from timevlm.model.multimodal import encoder_settings
 
     seen, out = set(), []
@@ -132,7 +131,7 @@ def _feature_configs(runs: list[Run], cfgs: list[dict]) -> list[dict]:
             continue
         full = ExperimentConfig.from_dict({**cfg, "model": {**cfg["model"], "use_val": True, "use_tal": True,
                                                             "use_ral": True}})
-        key = (run.dataset, str(encoder_settings(resolve_model_config(full.model, run.dataset))), str(cfg["data"]))
+        key = (run.dataset, str(encoder_settings(full.model)), str(cfg["data"]))
         if key not in seen:
             seen.add(key)
             out.append(full.to_dict())

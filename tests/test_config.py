@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, RunEnv, TrainConfig
 from timevlm.errors import ConfigError
 
 
@@ -67,3 +67,30 @@ def test_fit_with_a_bare_train_config_averages_as_the_experiment_would():
         ema = _weight_average(model, "auto")
         assert (ema is None) == (ExperimentConfig.from_dict({"model": {"model": name}}).train.ema_decay is None)
     assert _weight_average(torch.nn.Linear(2, 2), "auto") is None  # a model with no setting: no average
+
+
+def test_an_experiment_is_resolved_once_on_construction():
+    """What the dataset decides is written in when the experiment is made, so the model, the feature cache's key
+    and MLflow's parameters all read the same numbers; what a user set stays."""
+    weather = ExperimentConfig(data=DataConfig(dataset="Weather"))
+    assert (weather.model.n_vars, weather.model.periodicity, weather.model.dataset_name) == (21, 144, "Weather")
+    assert weather.model.dataset_description  # the prompt's description of the dataset
+    assert ExperimentConfig.from_dict(weather.to_dict()) == weather  # what a Tune trial hands its workers
+    mine = ExperimentConfig(model=ModelConfig(n_vars=3, periodicity=12), data=DataConfig(dataset="ETTh1"))
+    assert (mine.model.n_vars, mine.model.periodicity) == (3, 12)
+    with pytest.raises(ConfigError, match="ETTh9"):
+        ExperimentConfig(data=DataConfig(dataset="ETTh9"))
+
+
+def test_where_a_run_executes_is_set_apart_and_never_a_parameter():
+    exp = ExperimentConfig(model=ModelConfig(seq_len=96), train=TrainConfig(epochs=2))
+    here = exp.placed(RunEnv(data_dir="/data", cache_dir="/cache", device="cpu", num_threads=2, progress=False))
+    assert (here.data.data_dir, here.train.cache_dir, here.train.device, here.train.num_threads,
+            here.train.progress) == ("/data", "/cache", "cpu", 2, False)
+    assert here.train.use_feature_cache is True and exp.train.progress is True  # unset: kept; exp unchanged
+    assert exp.placed(RunEnv()) == exp
+    assert here.params() == exp.params()  # the machine never changes what was trained
+    env_keys = {"data.data_dir", "train.cache_dir", "train.device", "train.num_threads", "train.progress",
+                "train.use_feature_cache", "train.cache_fallback"}
+    assert env_keys <= set(exp.flat()) and not env_keys & set(exp.params())
+    assert exp.params()["model.seq_len"] == 96 and exp.params()["train.epochs"] == 2

@@ -11,6 +11,12 @@ VLM_VARIANTS = ("custom", "clip", "vilt", "blip2")
 MODEL_KINDS = ("timevlm", "dlinear", "patchtst")
 
 
+# Field metadata of the settings that say where and how a run executes on this machine (files, cache, device,
+# threads, console), not what is trained: they never change a result, are never logged as parameters
+# (ExperimentConfig.params), and a platform sets them for its machines through RunEnv (ExperimentConfig.placed).
+ENV = {"env": True}
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -117,7 +123,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "ETTh1"
-    data_dir: str | None = None  # None: $TIMEVLM_DATA_DIR, then ../shared/data
+    data_dir: str | None = field(default=None, metadata=ENV)  # None: $TIMEVLM_DATA_DIR, then ../shared/data
     percent: int = 100  # few-shot: first percent% of training windows (Time-LLM protocol)
     test_dataset: str | None = None  # zero-shot: evaluate on another dataset's test split
     max_windows: int | None = None  # smoke runs only: cap windows per split (evenly spaced)
@@ -153,8 +159,8 @@ class TrainConfig:
     # bf16 autocast, CUDA only; off by default, since it did not speed up our launch-bound batch-32 step on an
     # H200 (benchmarks/step_speed.py, reports/speed)
     amp: bool = False
-    device: str = "auto"
-    num_threads: int | None = None
+    device: str = field(default="auto", metadata=ENV)
+    num_threads: int | None = field(default=None, metadata=ENV)
     grad_clip: float | None = 1.0
     # the forecast's loss; "mse+mae" is the authors' masked-visual-modelling objective (timevlm.losses.forecast)
     forecast_loss: Literal["mse", "mse+mae"] = "mse"
@@ -166,10 +172,12 @@ class TrainConfig:
     # what validation scores, what early stopping keeps and what the test sees (torch.optim.swa_utils).
     # "auto": the model's own setting, EMA_DECAY_BY_MODEL (an ExperimentConfig writes the number in)
     ema_decay: float | Literal["auto"] | None = "auto"
-    use_feature_cache: bool = True
-    cache_dir: str | None = None  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
-    cache_fallback: Literal["error", "memory"] = "error"  # an unwritable cache: fail naming it, or compute in memory
-    progress: bool = True
+    # the VLM features from the cache (computed once per key) or by an encoder attached to the model at every step
+    use_feature_cache: bool = field(default=True, metadata=ENV)
+    cache_dir: str | None = field(default=None, metadata=ENV)  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
+    # an unwritable cache: fail naming it, or compute in memory
+    cache_fallback: Literal["error", "memory"] = field(default="error", metadata=ENV)
+    progress: bool = field(default=True, metadata=ENV)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -189,18 +197,55 @@ class TrainConfig:
                  f"lr_schedule must be cosine, halving or constant, got {self.lr_schedule!r}")
 
 
+@dataclass(frozen=True)
+class RunEnv:
+    """Where and how a run executes on this machine (the ENV settings): what a platform sets for its nodes,
+    apart from the experiment it was given. None keeps the experiment's own value."""
+
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    device: str | None = None
+    num_threads: int | None = None
+    progress: bool | None = None
+    use_feature_cache: bool | None = None
+    cache_fallback: str | None = None
+
+
 @dataclass
 class ExperimentConfig:
-    """Everything one training run needs; what a Tune trial hands to its workers."""
+    """Everything one training run needs; what a Tune trial hands to its workers. Resolved on construction,
+    once: what the dataset decides (n_vars, period, the prompt's name and description) and `auto` values are
+    written in, so every reader (the model, the feature cache's key, MLflow's parameters) sees the same numbers."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        from timevlm.data.registry import get_dataset  # the data package imports this module
+
+        spec, m = get_dataset(self.data.dataset), self.model
+        self.model = dataclasses.replace(
+            m, n_vars=m.n_vars or spec.n_vars, periodicity=m.periodicity or spec.periodicity,
+            dataset_name=m.dataset_name or spec.name, dataset_description=m.dataset_description or spec.description)
         if self.train.ema_decay == "auto":  # the number the run will use, so it is what MLflow shows
             self.train = dataclasses.replace(self.train,
                                              ema_decay=resolve_ema_decay("auto", self.model.model))
+
+    def placed(self, env: RunEnv) -> "ExperimentConfig":
+        """This experiment with `env`'s settings (those it sets) for where and how it runs."""
+        values = {k: v for k, v in dataclasses.asdict(env).items() if v is not None}
+        return dataclasses.replace(self, **{
+            sec: dataclasses.replace(getattr(self, sec), **{f.name: values[f.name]
+                                                            for f in dataclasses.fields(getattr(self, sec))
+                                                            if f.metadata.get("env") and f.name in values})
+            for sec in ("data", "train")})
+
+    def params(self) -> dict[str, Any]:
+        """What was trained, `section.key -> value` (flat() without the ENV settings): MLflow's parameters."""
+        env = {f"{sec}.{f.name}" for sec in ("model", "data", "train")
+               for f in dataclasses.fields(getattr(self, sec)) if f.metadata.get("env")}
+        return {k: v for k, v in self.flat().items() if k not in env}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,10 +1,11 @@
 """One complete run: data splits -> (cached) VLM features -> model -> fit -> test metrics.
 
-`run_experiment` is what a Ray Train worker calls; `python -m timevlm.train` calls it directly.
+`prepare`, `fit` and `test_metrics` are the steps; a Ray Train worker runs them itself (the platform's worker.py,
+with checkpoints and reports between them), `run_experiment` runs them in one call (`python -m timevlm.train`,
+benchmarks/fidelity.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from timevlm.config import ExperimentConfig, ModelConfig
+from timevlm.config import ExperimentConfig
 from timevlm.data.registry import get_dataset
 from timevlm.data.windows import SplitData, build_splits
 from timevlm.features import FeatureCache, SplitFeatures
@@ -21,14 +22,6 @@ from timevlm.model.multimodal import MultimodalEncoder, encoder_settings, needs_
 from timevlm.model.vlm import load_vlm
 from timevlm.metrics import mae, mse
 from timevlm.training import EpochMetrics, TrainState, fit, predict, resolve_device, seed_everything
-
-
-def resolve_model_config(cfg: ModelConfig, dataset: str) -> ModelConfig:
-    """Fill in what the dataset decides: number of variables, period, description for the prompt."""
-    spec = get_dataset(dataset)
-    return dataclasses.replace(
-        cfg, n_vars=cfg.n_vars or spec.n_vars, periodicity=cfg.periodicity or spec.periodicity,
-        dataset_name=cfg.dataset_name or spec.name, dataset_description=cfg.dataset_description or spec.description)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -48,8 +41,7 @@ class Prepared:
 def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     """Load the splits, build the model, and get the VLM features: from the cache (computed once per key),
     or through an attached encoder computing them at every step when use_feature_cache is False."""
-    mcfg = resolve_model_config(exp.model, exp.data.dataset)
-    exp = dataclasses.replace(exp, model=mcfg)
+    mcfg = exp.model  # resolved with the experiment (ExperimentConfig)
     splits = build_splits(exp.data, mcfg.seq_len, mcfg.pred_len)
     seed_everything(exp.train.seed)  # the seed decides the initial weights too
     model = build_model(mcfg)
@@ -81,8 +73,8 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
 
 def feature_plan(exp: ExperimentConfig) -> tuple[dict[str, Any], dict[str, SplitData]] | None:
     """(encoder settings, splits) whose features `prepare` reads from the cache, or None when the model reads
-    none. The same resolution as `prepare`, so a prebuilt entry is exactly the one a trial looks up."""
-    mcfg = resolve_model_config(exp.model, exp.data.dataset)
+    none. The same experiment `prepare` reads, so a prebuilt entry is exactly the one a trial looks up."""
+    mcfg = exp.model
     if not needs_features(mcfg):
         return None
     return (encoder_settings(mcfg, get_dataset(exp.data.dataset).freq),
@@ -91,8 +83,7 @@ def feature_plan(exp: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Split
 
 def feature_encoder(exp: ExperimentConfig, device: torch.device | str) -> MultimodalEncoder:
     """The frozen VLM with the VAL/TAL front end for this experiment (loads the VLM's weights)."""
-    mcfg = resolve_model_config(exp.model, exp.data.dataset)
-    return MultimodalEncoder(mcfg, load_vlm(mcfg, device), get_dataset(exp.data.dataset).freq)
+    return MultimodalEncoder(exp.model, load_vlm(exp.model, device), get_dataset(exp.data.dataset).freq)
 
 
 def test_metrics(model: torch.nn.Module, p: Prepared) -> dict[str, float]:

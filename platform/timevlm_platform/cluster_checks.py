@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from timevlm.config import RunEnv
 from timevlm.data.windows import build_splits
 from timevlm.errors import ConfigError
 from timevlm.model.vlm.base import feature_dims
@@ -119,7 +120,7 @@ def preflight(spec: StudySpec, data_dir: str) -> None:
     for cell in spec.cells():
         base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
         for seq_len in seq_lens or [base.model.seq_len]:
-            build_splits(dataclasses.replace(base.data, data_dir=data_dir), int(seq_len), cell.horizon)
+            build_splits(base.placed(RunEnv(data_dir)).data, int(seq_len), cell.horizon)
     for vlm in vlms or [base.model.vlm]:
         cfg = dataclasses.replace(base.model, vlm=vlm)
         try:

@@ -16,8 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from timevlm.config import ExperimentConfig
-from timevlm.experiment import resolve_model_config
+from timevlm.config import ExperimentConfig, RunEnv
 from timevlm_platform import tracking
 from timevlm_platform.console import quiet_worker
 from timevlm_platform.spool import DurableRun
@@ -41,9 +40,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    data_dir: str
-    cache_dir: str
-    use_feature_cache: bool = True
+    env: RunEnv  # where trials find the data and the feature cache on this cluster (run tags, never params)
     worker_max_failures: int = 2
     optuna_storage: str | None = None  # RDB URL of Optuna's studies (None: in memory)
     optuna_study: str = ""  # this Tuner's Optuna study name in that storage
@@ -65,15 +62,11 @@ def trial_run_name(cell: Cell, config: dict[str, Any], trial_id: str) -> str:
     return " ".join(filter(None, [cell.label, values, f"#{trial_id.rsplit('_', 1)[-1]}"]))
 
 
-# Settings that say where things are on this cluster, not what was trained (they are run tags instead).
-_NOT_PARAMS = ("data.data_dir", "train.cache_dir", "train.progress")
-
-
 def resolved_params(exp: ExperimentConfig, searched: dict[str, Any]) -> dict[str, Any]:
-    """The trial's parameters as it really ran, each once: the config with what the dataset decides filled in
-    (n_vars, periodicity, the prompt's dataset description), plus the variant name when the study has variants."""
-    exp = dataclasses.replace(exp, model=resolve_model_config(exp.model, exp.data.dataset))
-    out = {k: v for k, v in exp.flat().items() if k not in _NOT_PARAMS}
+    """The trial's parameters as it really ran, each once: the resolved config without where it ran (n_vars,
+    periodicity and the prompt's dataset description filled in), plus the variant name when the study has
+    variants."""
+    out = exp.params()
     if VARIANT_KEY in searched:
         out[VARIANT_KEY] = searched[VARIANT_KEY]
     return out
@@ -98,12 +91,8 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     cell = ctx.cell_of(config)
     exp = spec.experiment(cell.dataset, cell.horizon, {k: v for k, v in config.items() if k != CELL_KEY},
                           cell.test_dataset)
-    exp = dataclasses.replace(
-        exp,
-        data=dataclasses.replace(exp.data, data_dir=ctx.data_dir),
-        train=dataclasses.replace(exp.train, cache_dir=ctx.cache_dir, progress=False,
-                                  use_feature_cache=ctx.use_feature_cache,
-                                  num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
+    exp = exp.placed(dataclasses.replace(ctx.env, progress=False,
+                                         num_threads=exp.train.num_threads or spec.resources.cpus_per_worker))
     client = MlflowClient(ctx.tracking_uri)
     searched = {k: v for k, v in config.items() if k != CELL_KEY}
     # A run needs the server to exist (its id is the server's): wait for it, then log through a journal
@@ -112,7 +101,7 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
          tracking.STUDY_TAG: spec.name, tracking.SEARCHED_TAG: json.dumps(searched, default=str),
          tracking.DESCRIPTION_TAG: trial_description(spec, cell, exp, searched),
-         "data_dir": ctx.data_dir, "feature_cache": ctx.cache_dir, **tracking.source_tags()}))
+         "data_dir": exp.data.data_dir, "feature_cache": exp.train.cache_dir, **tracking.source_tags()}))
     run = DurableRun(client, run_id, ctx.spool_root) if run_id else None
     params = resolved_params(exp, searched)
     if run is not None:

@@ -10,7 +10,6 @@ costs nothing but its share of one directory listing.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import time
@@ -22,7 +21,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from timevlm.config import ExperimentConfig
+from timevlm.config import ExperimentConfig, RunEnv
 from timevlm.experiment import feature_plan
 from timevlm.features import FeatureCache, SplitFeatures, cache_key
 from timevlm.model.multimodal import FEATURE_FIELDS, needs_features
@@ -93,8 +92,7 @@ def study_jobs(spec: StudySpec, data_dir: str) -> tuple[list[FeatureJob], str]:
     for cell in spec.cells():
         plans: dict[str, ExperimentConfig] = {}
         for params in combos:
-            exp = spec.experiment(cell.dataset, cell.horizon, params, cell.test_dataset)
-            exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, data_dir=data_dir))
+            exp = spec.experiment(cell.dataset, cell.horizon, params, cell.test_dataset).placed(RunEnv(data_dir))
             plans.setdefault(json.dumps([exp.data.__dict__, _feature_fields(exp)], sort_keys=True, default=str), exp)
         if spec.searcher != "grid" and len(plans) > 1:
             reasons.append(f"{cell.label}: Optuna samples settings that change the features; its trials build them")
@@ -136,13 +134,12 @@ class _Encoder:
         VAL/TAL front end (image size, prompt's horizon, ...) differs between jobs."""
         if j not in self._splits:
             from timevlm.data.registry import get_dataset
-            from timevlm.experiment import resolve_model_config
             from timevlm.model.multimodal import MultimodalEncoder
             from timevlm.model.vlm import load_vlm
             from timevlm.model.vlm.base import vlm_identity
 
             exp = ExperimentConfig.from_dict(self.jobs[j].experiment)
-            mcfg = resolve_model_config(exp.model, exp.data.dataset)
+            mcfg = exp.model
             ident = json.dumps({**vlm_identity(mcfg), "vision_tokens": mcfg.vision_tokens,
                                 "max_prompt_tokens": mcfg.max_prompt_tokens}, sort_keys=True, default=str)
             if ident not in self._encoders:

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from timevlm.config import RunEnv
 from timevlm.errors import ConfigError
 from timevlm_platform import cluster_checks, faults, spool, study_results, tracking
 from timevlm_platform.console import TrialLines, quiet_driver, quiet_worker
@@ -114,7 +115,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
           f"{concurrency} concurrent; MLflow {paths.tracking_uri} (experiment {exp_name}, parent run {parent})",
           flush=True)
     groups = [(TrialContext(spec, {c.label: c for c in group}, run_name, paths.storage, paths.tracking_uri,
-                            experiment_id, parent, paths.data_dir, paths.cache_dir, opts.use_feature_cache,
+                            experiment_id, parent, RunEnv(data_dir=paths.data_dir, cache_dir=paths.cache_dir,
+                                                          use_feature_cache=opts.use_feature_cache),
                             opts.worker_max_failures, optuna_storage=paths.optuna_storage,
                             optuna_study=f"{exp_name}/{run_name}", quiet=opts.verbose < 2, spool_root=spool_root,
                             tracking_wait_s=opts.tracking_wait_s), _resumes(spec, opts, paths, exp_name, run_name))

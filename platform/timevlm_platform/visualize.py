@@ -6,7 +6,6 @@ and (2) forecast-vs-truth plots of those windows.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from timevlm.config import ExperimentConfig
+from timevlm.config import ExperimentConfig, RunEnv
 from timevlm.data.registry import get_dataset
 from timevlm.errors import ConfigError
 from timevlm.experiment import prepare
@@ -39,8 +38,7 @@ def visualize(run_id: str, tracking_uri: str | None, out: str, n_windows: int = 
         local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=d, tracking_uri=uri)) / "artifacts"
         exp = ExperimentConfig.from_dict(json.loads((local / "experiment.json").read_text()))
         state = torch.load(local / "weights.pt", weights_only=True)
-    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, data_dir=data_dir or exp.data.data_dir),
-                              train=dataclasses.replace(exp.train, cache_dir=cache_dir or exp.train.cache_dir))
+    exp = exp.placed(RunEnv(data_dir=data_dir, cache_dir=cache_dir))  # this machine's data and cache
     p = prepare(exp)
     p.model.load_state_dict(state)
     p.model.eval()
