@@ -43,7 +43,7 @@ def _train_iters(args) -> dict:
     """Child process: prepare (building or reading the cache), then time `iters` optimiser steps."""
     cache_dir, use_cache, iters, max_windows, seq_len, vlm, vlm_path = args
     from timevlm.experiment import prepare
-    from timevlm.training import TrainStep, peak_memory_mb, resolve_device
+    from timevlm.training import TrainStep, configure_process, peak_memory_mb, resolve_device
 
     t0 = time.perf_counter()
     p = prepare(_exp(cache_dir, use_cache, max_windows, seq_len, vlm, vlm_path), progress=True)
@@ -52,6 +52,7 @@ def _train_iters(args) -> dict:
     model = p.model.to(device)
     if not use_cache:
         model._encoder.adapter.to(device)
+    configure_process(TrainConfig(lr=1e-3), device)  # what `fit` sets up first
     step_fn = TrainStep(model, TrainConfig(lr=1e-3), device)  # the trainer's step: clipping, AdamW, weight average
     loader = make_loader(p.splits["train"], 32, shuffle=True)
     feats = p.features["train"]

@@ -274,6 +274,15 @@ def _alignment(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Alig
     return AlignmentLosses(mm.modality.shape[-1], cfg.itm_weight, cfg.wpa_weight).to(device)
 
 
+def configure_process(cfg: TrainConfig, device: torch.device) -> None:
+    """What a training process sets for itself, once, before its first step: its threads, and on CPU the
+    allocator setting the step wants (its activations reuse their pages instead of faulting fresh ones in)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cpu" and kernels_enabled():
+        keep_freed_memory()
+
+
 class TrainStep:
     """One optimisation step of `fit`, in two halves so the loop can check the loss in between: `loss` (forward
     under the configured autocast, the forecast's loss plus the alignment losses that are on) and `update`
@@ -292,8 +301,6 @@ class TrainStep:
         self.ema = _weight_average(self.inner, cfg.ema_decay)
         self.amp = cfg.amp and device.type == "cuda"
         self.device, self.grad_clip = device, cfg.grad_clip
-        if device.type == "cpu" and kernels_enabled():
-            keep_freed_memory()  # the step's activations reuse their pages instead of faulting fresh ones in
 
     def loss(self, x: torch.Tensor, feats: Any, y: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.amp):
@@ -325,8 +332,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
     best weights back into `model` at the end. With `cfg.ema_decay` the weights validated, kept and loaded back
     are the moving average of the trained ones."""
     device = resolve_device(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    configure_process(cfg, device)
     seed_everything(cfg.seed)
     model.to(device)
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)

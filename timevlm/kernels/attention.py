@@ -33,6 +33,25 @@ def usable(x: torch.Tensor, heads: int) -> bool:
             and _library() is not None)
 
 
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention of q [B, Lq, H*D] over k, v [B, Lk, H*D] in `heads` heads -> [B, Lq, H*D] (PyTorch's fused
+    scaled_dot_product_attention, no mask, no dropout)."""
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+    return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+
+def packed_self_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """Self-attention of x [B, L, d] through the packed q/k/v projection (weight [3d, d], bias [3d]) -> [B, L, d],
+    before the output projection. CPU fp32: `timevlm::self_attention`, which adds the projection's bias and reads
+    the packed projection as it is; elsewhere PyTorch's operators."""
+    if usable(x, heads):
+        return torch.ops.timevlm.self_attention(torch.matmul(x, weight.t()), bias, heads)[0]
+    q, k, v = torch.nn.functional.linear(x, weight, bias).chunk(3, dim=-1)
+    return scaled_dot_product(q, k, v, heads)
+
+
 def _dims(qkv_shape, heads: int) -> tuple[int, int, int, int]:
     """[B, L, 3*H*D] -> (B, L, H*D, D)."""
     b, length, width = qkv_shape

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,9 +95,28 @@ def dropout_usable(x: torch.Tensor) -> bool:
     return x.numel() < 2 ** 32 and _cpu_fp32(x)
 
 
+_SEED = 2 ** 63 - 1
+
+
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout of x (CPU, fp32; see dropout_usable) with 0 < p < 1."""
-    return _Dropout.apply(x, p)
+    """Training-mode dropout of x with probability p (0: x itself). Keeps an element with probability 1 - p
+    (p rounded to 1/65536 on CPU) and scales kept ones by 1/(1 - p), as `nn.Dropout` does; `torch.manual_seed`
+    decides every mask. CPU fp32 with the kernels built: no mask is drawn, a hash of a key from torch's generator
+    and each element's index decides it inside the sweep that applies it, forward and backward alike. Other CPU
+    tensors: a mask from NumPy's SFC64 generator (64-bit words cut into four 16-bit draws), seeded per call from
+    torch's generator. Off the CPU: `F.dropout`. Why and by how much: reports/speed."""
+    if p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    if dropout_usable(x):
+        return _Dropout.apply(x, p)
+    n = x.numel()
+    seed = int(torch.randint(_SEED, ()))
+    draws = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+    keep = draws >= int(-32768 + round(p * 65536))
+    mask = torch.from_numpy(np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)).view(x.shape)
+    return x * mask.to(x.dtype)  # no copy for float32
 
 
 class _LinearReLU(torch.autograd.Function):
@@ -148,8 +169,10 @@ def patch_embedding_usable(patches: torch.Tensor, linear: nn.Linear, pos: torch.
 
 def patch_embedding(patches: torch.Tensor, linear: nn.Linear, pos: torch.Tensor, p: float) -> torch.Tensor:
     """patches [..., P, patch_len] -> dropout(linear(patches) + pos) [..., P, d], pos [P, d], dropout p (0: off);
-    see patch_embedding_usable (the caller keeps its own dropout for the other cases)."""
-    return _PatchEmbedding.apply(patches, linear.weight, linear.bias, pos, p)
+    on CPU in fp32 bias, position and dropout are one sweep."""
+    if patch_embedding_usable(patches, linear, pos, p):
+        return _PatchEmbedding.apply(patches, linear.weight, linear.bias, pos, p)
+    return dropout(linear(patches) + pos, p)
 
 
 class _ResidualLinear(torch.autograd.Function):

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
-from timevlm.kernels.elementwise import (linear_relu, patch_embedding, patch_embedding_usable, residual_linear,
-                                         residual_linear_norm)
+from timevlm.kernels.elementwise import linear_relu, patch_embedding, residual_linear, residual_linear_norm
 from timevlm.model.baselines import DecompositionLinear
 from timevlm.model.layers import Dropout, multihead_attention
 
@@ -27,10 +26,7 @@ class PatchEmbedding(nn.Module):
         if self.padding:
             x = F.pad(x.unsqueeze(1), (0, self.padding), mode="replicate").squeeze(1)
         patches = x.unfold(-1, self.patch_len, self.stride)
-        p = self.drop.p if self.training else 0.0
-        if patch_embedding_usable(patches, self.proj, self.pos, p):  # CPU: bias, position and dropout in one sweep
-            return patch_embedding(patches, self.proj, self.pos, p)
-        return self.drop(self.proj(patches) + self.pos)
+        return patch_embedding(patches, self.proj, self.pos, self.drop.p if self.training else 0.0)
 
 
 class MemoryBank(nn.Module):
