@@ -7,7 +7,8 @@ import pytest
 from timevlm.config import DataConfig
 from timevlm.data.registry import DATASETS, get_dataset
 from timevlm.data.files import read_table
-from timevlm.data.windows import build_splits, load_split, make_loader, split_borders
+from timevlm.data.splits import build_splits
+from timevlm.data.windows import load_split, make_loader, split_borders
 from conftest import ett_frame
 from timevlm.errors import ConfigError, DataError
 

@@ -7,7 +7,7 @@ import pytest
 from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from timevlm.data.m4 import load_m4, m4_metrics
 from timevlm.data.registry import get_dataset
-from timevlm.data.windows import build_splits
+from timevlm.data.splits import build_splits
 from timevlm.errors import DataError
 from timevlm.experiment import run_experiment
 from timevlm.metrics import mase, smape

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO
 from timevlm.config import DataConfig
-from timevlm.data.windows import build_splits
+from timevlm.data.splits import build_splits
 from timevlm_platform import tracking
 from timevlm_platform.runner import RunOptions, run_study
 from timevlm_platform.study import load_study

@@ -15,7 +15,8 @@ import torch
 
 from timevlm.config import ExperimentConfig
 from timevlm.data.registry import get_dataset
-from timevlm.data.windows import SplitData, build_splits
+from timevlm.data.splits import build_splits
+from timevlm.data.windows import SplitData
 from timevlm.features import FeatureCache, SplitFeatures
 from timevlm.model import build_model
 from timevlm.model.multimodal import MultimodalEncoder, encoder_settings, needs_features

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from timevlm.config import RunEnv
-from timevlm.data.windows import build_splits
+from timevlm.data.splits import build_splits
 from timevlm.errors import ConfigError
 from timevlm.model.vlm.base import feature_dims
 from timevlm_platform.study import StudySpec

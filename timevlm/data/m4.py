@@ -18,6 +18,7 @@ import pandas as pd
 from timevlm.config import DataConfig
 from timevlm.data.files import dataset_path
 from timevlm.data.registry import DatasetSpec, get_dataset
+from timevlm.data.windows import Scaler, SplitData, subsample
 from timevlm.errors import DataError
 from timevlm.metrics import mase, owa, smape
 
@@ -66,8 +67,6 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def m4_splits(name: str, seq_len: int, pred_len: int, cfg: DataConfig) -> dict:
-    from timevlm.data.windows import Scaler, SplitData, _subsample
-
     spec = get_dataset(name)
     if pred_len != spec.horizon:
         raise DataError(f"{name}: the M4 protocol fixes the horizon at {spec.horizon}, got pred_len {pred_len}")
@@ -99,7 +98,7 @@ def m4_splits(name: str, seq_len: int, pred_len: int, cfg: DataConfig) -> dict:
         m = np.array(meta)
         full = SplitData(spec.name, split, values, starts, seq_len, pred_len, Scaler(np.zeros(1), np.ones(1)),
                          spec.description, series=m[:, 0].astype(int), series_mean=m[:, 1], series_std=m[:, 2])
-        out[split] = full.subset(_subsample(np.arange(len(starts)), cfg.max_windows))
+        out[split] = full.subset(subsample(np.arange(len(starts)), cfg.max_windows))
     return out
 
 

@@ -113,7 +113,7 @@ def _windows(n_rows: int, seq_len: int, pred_len: int, where: str) -> np.ndarray
     return np.arange(n)
 
 
-def _subsample(starts: np.ndarray, max_windows: int | None) -> np.ndarray:
+def subsample(starts: np.ndarray, max_windows: int | None) -> np.ndarray:
     if max_windows is None or len(starts) <= max_windows:
         return starts
     return starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
@@ -135,24 +135,9 @@ def load_split(name: str, split: str, seq_len: int, pred_len: int, cfg: DataConf
     if b1 < 0:
         raise DataError(f"{spec.file}: seq_len {seq_len} reaches before the first row of the {split} split")
     values = scaler.transform(raw[b1:b2])
-    starts = _subsample(_windows(len(values), seq_len, pred_len, f"{spec.file} ({split} split)"),
+    starts = subsample(_windows(len(values), seq_len, pred_len, f"{spec.file} ({split} split)"),
                         cfg.max_windows)
     return SplitData(spec.name, split, values, starts, seq_len, pred_len, scaler, spec.description)
-
-
-def build_splits(cfg: DataConfig, seq_len: int, pred_len: int) -> dict[str, SplitData]:
-    """train/val from `cfg.dataset`; test from `cfg.test_dataset` when given (zero-shot). M4 sets use
-    their own per-series protocol (timevlm.data.m4)."""
-    if get_dataset(cfg.dataset).split_rule == "m4":
-        from timevlm.data.m4 import m4_splits
-
-        return m4_splits(cfg.dataset, seq_len, pred_len, cfg)
-    out = {s: load_split(cfg.dataset, s, seq_len, pred_len, cfg) for s in ("train", "val")}
-    out["test"] = load_split(cfg.test_dataset or cfg.dataset, "test", seq_len, pred_len, cfg)
-    if out["test"].n_vars != out["train"].n_vars:
-        raise DataError(f"zero-shot {cfg.dataset} -> {cfg.test_dataset}: variable counts differ "
-                        f"({out['train'].n_vars} vs {out['test'].n_vars})")
-    return out
 
 
 def make_loader(data: SplitData, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
