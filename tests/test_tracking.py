@@ -116,3 +116,34 @@ def test_a_call_mlflow_refuses_is_reported_and_skipped_not_kept_ahead_of_the_res
     run.terminate(True)
     assert not run.pending() and c.get_run(run_id).info.status == "FINISHED"
     assert c.get_run(run_id).data.metrics["test_mse"] == 0.5
+
+
+def test_two_trials_logging_one_dataset_at_once_is_a_race_retried_not_a_refusal(tmp_path, monkeypatch):
+    """Two trials that log the same dataset as an input at the same moment: the second insert hits the store's
+    unique constraint (MLflow answers BAD_REQUEST); sent again, the call finds the dataset and succeeds."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+
+    from timevlm_platform import spool
+
+    assert spool.rejected(MlflowException("name 'bad.name' is invalid", error_code=INVALID_PARAMETER_VALUE))
+    race = MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                           "datasets.name, datasets.digest", error_code=BAD_REQUEST)
+    assert not spool.rejected(race)
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = c.create_experiment("timevlm-race")
+    run_id = tracking.child_run(c, exp, tracking.parent_run(c, exp, "s", False, {}), "t0", "t0", {})
+    real, calls = MlflowClient.log_inputs, []
+
+    def racing(self, *args, **kwargs):  # the first attempt loses the race to another trial
+        calls.append(1)
+        if len(calls) == 1:
+            raise race
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    run = spool.DurableRun(c, run_id, tmp_path / "spool")
+    data = {"name": "ETTh1-val", "digest": "abc", "source_type": "local", "source": "/d/ETTh1.csv"}
+    run.log_inputs([{"dataset": data, "context": "val"}])
+    assert len(calls) == 2 and not run.pending()
+    assert [d.dataset.name for d in c.get_run(run_id).inputs.dataset_inputs] == ["ETTh1-val"]

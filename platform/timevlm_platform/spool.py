@@ -84,7 +84,11 @@ REJECTIONS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS
 
 
 def rejected(e: Exception) -> bool:
-    return isinstance(e, MlflowException) and e.error_code in REJECTIONS
+    """Whether the server refused the call itself. A unique-constraint error is not that: two trials created the
+    same row at once (the same dataset logged as an input by both), and the call succeeds when sent again."""
+    if not (isinstance(e, MlflowException) and e.error_code in REJECTIONS):
+        return False
+    return not any(race in str(e) for race in ("IntegrityError", "UNIQUE constraint failed", "Duplicate entry"))
 
 
 def _report_rejection(run_id: str, op: str, e: Exception) -> None:
