@@ -1,6 +1,6 @@
 """The MLflow pyfunc of a trained forecaster (MLflow "models from code": this file is copied into every logged
 model and executed when the model is loaded, so it imports only the `timevlm` library, which travels with the
-model as code, and MLflow).
+model as code, and MLflow with its own numpy and pandas).
 
 Input, in the dataset's original units: a batch of windows [batch, seq_len, n_vars] or one window
 [seq_len, n_vars] (numpy, float32 or float64, or nested lists), or a pandas DataFrame with the dataset's
@@ -18,6 +18,7 @@ import json
 
 import mlflow.models
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 class TimeVLMForecaster(PythonModel):
@@ -52,8 +53,6 @@ class TimeVLMForecaster(PythonModel):
 
     def windows(self, model_input) -> tuple[np.ndarray, str]:
         """The input as float32 [batch, seq_len, n_vars] and its form ("batch", "window" or "frame")."""
-        import pandas as pd
-
         if isinstance(model_input, pd.DataFrame):
             missing = [c for c in self.channels if c not in model_input.columns]
             if missing or len(model_input) == 0 or len(model_input) % self.seq_len:
@@ -83,8 +82,6 @@ class TimeVLMForecaster(PythonModel):
             y = self.model(torch.from_numpy((x - self.mean) / self.std)).numpy()
         y = y * self.std + self.mean
         if form == "frame":
-            import pandas as pd
-
             return pd.DataFrame(y.reshape(-1, self.n_vars), columns=self.channels)
         return y[0] if form == "window" else y
 
