@@ -112,23 +112,34 @@ def searched_values(spec: StudySpec, key: str) -> list | None:
     return next((p.args.get("values") for p in spec.search if p.key == key), None)
 
 
-def preflight(spec: StudySpec, data_dir: str) -> None:
+def preflight(spec: StudySpec, data_dir: str) -> dict[str, str]:
     """Load every (dataset, horizon, seq_len) a study can ask for before any trial starts, so bad data
-    fails in seconds with the file named, not in every trial after Ray Train retries."""
+    fails in seconds with the file named, not in every trial after Ray Train retries; and check that the VLM
+    variants' weights are there. Returns the searched VLMs that cannot run here with why, when the study skips
+    those (`unavailable_vlms: skip`); otherwise a missing VLM stops the study here."""
     seq_lens = searched_values(spec, "model.seq_len")
     vlms = searched_values(spec, "model.vlm")
     for cell in spec.cells():
         base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
         for seq_len in seq_lens or [base.model.seq_len]:
             build_splits(base.placed(RunEnv(data_dir)).data, int(seq_len), cell.horizon)
+    skipped = {}
     for vlm in vlms or [base.model.vlm]:
         cfg = dataclasses.replace(base.model, vlm=vlm)
         try:
             feature_dims(cfg)  # reads the variant's config only; fails fast when the weights are not there
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"VLM {vlm!r} is not available ({cfg.vlm_path or 'hub default'}): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}. Put its weights in the "
-                              f"Hugging Face cache or set model.vlm_path to a local copy") from None
+            why = (f"VLM {vlm!r} is not available ({cfg.vlm_path or 'hub default'}): {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200]}")
+            if vlms and spec.unavailable_vlms == "skip":
+                skipped[vlm] = why
+                continue
+            raise ConfigError(f"{why}. Put its weights in the Hugging Face cache or set model.vlm_path to a local "
+                              f"copy") from None
+    if vlms and len(skipped) == len(vlms):
+        raise ConfigError(f"study {spec.name}: none of the VLMs {vlms} can run here: "
+                          f"{'; '.join(skipped.values())}")
+    return skipped
 
 
 def cluster_concurrency(spec: StudySpec) -> int:

@@ -17,7 +17,7 @@ _WILDCARDS = ("source", "percent", "seq_len", "vlm")
 # our report column -> (published metric, factor from our unit to the paper's)
 OUR_COLUMNS = {"test_mse": ("mse", 1.0), "test_mae": ("mae", 1.0), "smape": ("smape", 1.0),
                "mase": ("mase", 1.0), "owa": ("owa", 1.0), "params": ("params_m", 1e-6),
-               "peak_mem_mb": ("mem_mib", 1.0)}
+               "peak_mem_mb": ("mem_mib", 1.0), "s_per_iter": ("s_per_iter", 1.0)}
 _EFFICIENCY = ("params_m", "mem_mib", "s_per_iter")
 
 

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from timevlm.errors import ConfigError  # noqa: E402
 from timevlm_platform import tracking  # noqa: E402
-from timevlm_platform.paper import beside_paper  # noqa: E402
+from timevlm_platform.paper import beside_paper, published  # noqa: E402
 from timevlm_platform.spool import DurableRun  # noqa: E402
 from timevlm_platform.study import VARIANT_KEY, StudySpec  # noqa: E402
 
@@ -52,8 +52,19 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
         row.update(searched_values(r))
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS)})
         row.update({k: r.data.metrics.get(tracking.SYSTEM_PREFIX + k) for k in ("params_total", "seconds", "peak_mem_mb")})
+        row["s_per_iter"] = _seconds_per_iteration(row["seconds"], r)
         rows.append(row)
     return parent.info.run_id, pd.DataFrame(rows)
+
+
+def _seconds_per_iteration(epoch_seconds: float | None, run) -> float | None:
+    """An epoch's wall time over its training batches (full batches: the loader drops a last short one), the
+    paper's s/iter (Tables 7-8; theirs on a GPU, validation not counted)."""
+    windows = run.data.metrics.get(tracking.SYSTEM_PREFIX + "n_train_windows")
+    batch = run.data.params.get("train.batch_size")
+    if epoch_seconds is None or not windows or not batch:
+        return None
+    return epoch_seconds / max(1, int(windows) // int(batch))
 
 
 def searched_values(run) -> dict[str, Any]:
@@ -80,7 +91,8 @@ def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     agg = done.groupby(by, dropna=False).agg(
         n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
-        params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), peak_mem_mb=("peak_mem_mb", "max"),
+        params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), s_per_iter=("s_per_iter", "mean"),
+        peak_mem_mb=("peak_mem_mb", "max"),
         **{m[len("test_"):]: (m, "mean") for m in M4_METRICS if done[m].notna().any()})
     return agg.reset_index()
 
@@ -139,6 +151,21 @@ def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def not_run_rows(skipped: dict[str, str], summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """The published average-over-horizons row of each VLM variant a study skipped, for each dataset (at the
+    training percent and input length) it ran."""
+    rows = []
+    for vlm in skipped:
+        for (ds, percent, seq_len), _ in summary.groupby(["dataset", "percent", "seq_len"]):
+            row = {"dataset": ds, "horizon": "avg", "model.vlm": vlm}
+            for metric in ("mse", "mae", "params_m", "mem_mib", "s_per_iter"):
+                found = published(spec.protocol.get("type", "long_term"), metric, dataset=ds, horizon="avg",
+                                  model="timevlm", vlm=vlm, percent=percent, seq_len=seq_len)
+                row[f"paper_{metric}"] = found[0] if found else None
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFrame:
     """Published values and our difference in % beside each matching row (see timevlm_platform.paper)."""
     t = table if ("model.model" in table or "model" in table) else table.assign(**{"model.model": model})
@@ -154,15 +181,16 @@ def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFram
     return table.assign(**{c: out[c] for c in extra})
 
 
-_COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "n": ".0f",
-                  "mse_change_pct": "+.1f", "mae_change_pct": "+.1f", "delta_mse_pct": "+.1f",
-                  "delta_mae_pct": "+.1f"}
+_COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "s_per_iter": ".3f", "n": ".0f",
+                  "mse_change_pct": "+.1f", "mae_change_pct": "+.1f", "paper_params_m": ".1f",
+                  "paper_mem_mib": ".0f", "paper_s_per_iter": ".2f"}
 
 
 def _markdown(df: pd.DataFrame) -> str:
     """A markdown table with metrics at 4 decimals and counts, memory and seconds in readable units."""
     blank = df.astype(object).where(df.notna(), None)  # missing values print as empty cells, not "nan"
-    return blank.to_markdown(index=False, floatfmt=tuple(_COLUMN_FORMAT.get(str(c), ".4f") for c in df.columns),
+    formats = [_COLUMN_FORMAT.get(str(c), "+.1f" if str(c).startswith("delta_") else ".4f") for c in df.columns]
+    return blank.to_markdown(index=False, floatfmt=tuple(formats),
                              missingval="")
 
 
@@ -187,16 +215,24 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
              "figure where one matches (protocol, dataset, source set, training percent, horizon, model, variant, VLM), at the paper's own settings "
              "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
     cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "model", "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
-            "smape", "mase", "owa", "params", "s_per_epoch", "peak_mem_mb"]
+            "smape", "mase", "owa", "params", "s_per_epoch", "s_per_iter", "peak_mem_mb"]
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
     cols = [c for c in cols if c in summary and not (c == "test_dataset" and summary[c].isna().all())]
     lines += [_markdown(_with_paper(summary[cols], spec, model)), ""]
     if len(summary["horizon"].unique()) > 1:
         by = [c for c in ("dataset", "test_dataset", "percent") if c in cols] + keys + [c for c in ("model",) if c in cols] + (
             ["seq_len"] if "seq_len" in summary else [])  # averages match at their length
-        avg = summary.groupby(by, dropna=False)[["test_mse", "test_mae"]].mean().reset_index()
+        # the paper's averages over horizons, its efficiency figures too (Tables 7-8 average them the same way)
+        averaged = [c for c in ("test_mse", "test_mae", "params", "s_per_iter", "peak_mem_mb") if c in cols]
+        avg = summary.groupby(by, dropna=False)[averaged].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
                   ""]
+    skipped = json.loads(client.get_run(parent).data.tags.get(tracking.SKIPPED_TAG, "{}"))
+    if skipped:
+        lines += ["## Not run here", "", "In the study, but their weights were not where it ran, so they have no "
+                  "trials (their loaders are tested on tiny configs, tests/test_vlm_adapters.py): "
+                  + "; ".join(skipped.values()) + ". The paper's figures for them:", "",
+                  _markdown(not_run_rows(skipped, summary, spec)), ""]
     if spec.variants and VARIANT_KEY in keys:
         reference = next(iter(spec.variants))
         ablation = ablation_table(summary, reference)

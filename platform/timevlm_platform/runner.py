@@ -4,6 +4,7 @@ for the cluster at once; one per cell for searched studies; `--resume` continues
 recorded (study_results)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -99,11 +100,15 @@ def study_description(spec: StudySpec) -> str:
 def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     paths = resolve_paths(opts.data_dir, opts.tracking_uri, opts.cache_dir, opts.storage_path, opts.optuna_storage)
-    cluster_checks.preflight(spec, paths.data_dir)
+    skipped = cluster_checks.preflight(spec, paths.data_dir)
+    if skipped:
+        spec = spec.without_values("model.vlm", list(skipped))
+        print(f"[timevlm-platform] skipping VLM(s) {', '.join(skipped)} (unavailable_vlms: skip): "
+              f"{'; '.join(skipped.values())}", file=sys.stderr, flush=True)
     tracking.check_reachable(paths.tracking_uri)
     client = MlflowClient(paths.tracking_uri)
     exp_name = opts.experiment_name or f"timevlm-{spec.name}"
-    experiment_id, parent = _open_study_run(client, spec, exp_name, paths.tracking_uri, opts.resume)
+    experiment_id, parent = _open_study_run(client, spec, exp_name, paths.tracking_uri, opts.resume, skipped)
     spool_root = spool.tracking_spool_root(paths.storage, parent)
     _start_ray(opts)
     concurrency = cluster_checks.cluster_concurrency(spec)
@@ -155,15 +160,17 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
 
 
 def _open_study_run(client: MlflowClient, spec: StudySpec, exp_name: str, tracking_uri: str,
-                    resume: bool) -> tuple[str, str]:
-    """The study's experiment (its default view set up) and its parent run, reused on --resume."""
+                    resume: bool, skipped: dict[str, str]) -> tuple[str, str]:
+    """The study's experiment (its default view set up) and its parent run, reused on --resume; the run names
+    the VLMs skipped here and why (its report lists them as not run)."""
     experiment_id = tracking.get_experiment_id(client, exp_name, tracking.default_artifact_root(tracking_uri))
     parent = tracking.parent_run(client, experiment_id, spec.name, resume, {
         "study": spec.name, "searcher": spec.searcher, "trials": spec.trials, "epochs": spec.epochs,
         "datasets": ",".join(spec.datasets), "horizons": ",".join(map(str, spec.horizons)),
         "metric": spec.metric, "seed": spec.seed, "search": "; ".join(f"{p.key}~{p.kind}{p.args}" for p in spec.search),
         **{f"fixed.{s}.{k}": v for s, vals in spec.fixed.items() for k, v in vals.items()}},
-        tags={tracking.DESCRIPTION_TAG: study_description(spec), **tracking.source_tags()})
+        tags={tracking.DESCRIPTION_TAG: study_description(spec), **tracking.source_tags(),
+              **({tracking.SKIPPED_TAG: json.dumps(skipped)} if skipped else {})})
     tracking.setup_experiment(client, experiment_id, study_description(spec), spec.metric, spec.searched_keys,
                               ascending=spec.mode == "min")
     return experiment_id, parent

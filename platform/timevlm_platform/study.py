@@ -20,7 +20,8 @@ DISTRIBUTIONS = {"choice": ("values",), "grid": ("values",), "uniform": ("low", 
                  "loguniform": ("low", "high"), "int": ("low", "high"), "quniform": ("low", "high", "q")}
 METRICS = ("best_val_mse", "best_val_mae")
 TOP_KEYS = {"name", "description", "datasets", "horizons", "fixed", "search", "searcher", "budget",
-            "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol", "preset", "variants"}
+            "resources", "scheduler", "metric", "mode", "seed", "smoke", "seeds", "protocol", "preset", "variants",
+            "unavailable_vlms"}
 VARIANT_KEY = "variant"  # the searched parameter that names one of a study's `variants`
 CELL_KEY = "cell"  # the grid parameter that names a trial's cell when one Tuner runs several cells
 
@@ -93,6 +94,9 @@ class StudySpec:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     # settings applied after everything else: a reduced budget or --set from the command line wins over presets
     forced: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a searched `model.vlm` value whose weights are not on this cluster: "error" stops the study before any
+    # trial; "skip" runs the others and records which were skipped and why (its report lists them as not run)
+    unavailable_vlms: str = "error"
     source: str = ""
 
     def experiment(self, dataset: str, horizon: int, params: dict[str, Any],
@@ -142,6 +146,18 @@ class StudySpec:
         if self.searcher == "grid" and self.scheduler.type == "fifo":
             return [(self.name, cells)]
         return [(f"{self.name}-{c.label}", [c]) for c in cells]
+
+    def without_values(self, key: str, drop: list[Any]) -> "StudySpec":
+        """A copy whose grid/choice over `key` leaves out `drop` (the same study: its name does not change)."""
+        search = []
+        for p in self.search:
+            if p.key == key and "values" in p.args:
+                kept = [v for v in p.args["values"] if v not in drop]
+                if not kept:
+                    raise ConfigError(f"study {self.name}: none of {key}'s values {p.args['values']} can run here")
+                p = dataclasses.replace(p, args={**p.args, "values": kept})
+            search.append(p)
+        return dataclasses.replace(self, search=search)
 
     def with_smoke(self) -> "StudySpec":
         """A tiny-budget copy for --smoke: the study's `smoke` block overrides budget and fixed settings."""
@@ -212,6 +228,8 @@ class StudySpec:
         for pair in self.protocol.get("pairs") or []:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise ConfigError(f"{where}: protocol.pairs: {pair!r} is not a [source, target] pair")
+        if self.unavailable_vlms not in ("error", "skip"):
+            raise ConfigError(f"{where}: unavailable_vlms: {self.unavailable_vlms!r} must be error or skip")
         for ds in self.datasets + [d for pair in self.protocol.get("pairs") or [] for d in pair]:
             if ds not in DATASETS:
                 raise ConfigError(f"{where}: datasets: unknown dataset {ds!r}; known: {', '.join(DATASETS.names())}")
@@ -345,7 +363,8 @@ def parse_study(data: dict[str, Any], source: str = "") -> StudySpec:
         metric=data.get("metric", "best_val_mse"), mode=data.get("mode", "min"),
         seed=int(data.get("seed", 2021)), seeds=int(data.get("seeds", 1)), smoke=data.get("smoke") or {},
         protocol=data.get("protocol") or {"type": "long_term"}, preset=data.get("preset"),
-        variants=data.get("variants") or {}, source=source)
+        variants=data.get("variants") or {}, unavailable_vlms=str(data.get("unavailable_vlms", "error")),
+        source=source)
     spec.validate()
     return spec
 

@@ -31,6 +31,7 @@ BEST_TAG = "timevlm.best_trial"
 MODEL_URI_TAG = "timevlm.model_uri"
 SEARCHED_TAG = "timevlm.searched"  # JSON of what the sampler/grid set for this trial (the params hold each once)
 OUTCOME_TAG = "timevlm.outcome"
+SKIPPED_TAG = "timevlm.skipped_vlms"  # JSON {vlm: why}: searched VLMs a study could not run where it ran
 DESCRIPTION_TAG = "mlflow.note.content"  # MLflow's run/experiment description
 VIEW_KEY = "timevlm"  # ?viewStateShareKey=timevlm opens the experiment's runs with the study's columns
 
