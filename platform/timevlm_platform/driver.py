@@ -101,7 +101,9 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         {"dataset": cell.dataset, "test_dataset": cell.test_dataset or cell.dataset, "pred_len": str(cell.horizon),
          tracking.STUDY_TAG: spec.name, tracking.SEARCHED_TAG: json.dumps(searched, default=str),
          tracking.DESCRIPTION_TAG: trial_description(spec, cell, exp, searched),
-         "data_dir": exp.data.data_dir, "feature_cache": exp.train.cache_dir, **tracking.source_tags()}))
+         # where it ran (RunEnv), as tags: never parameters of what was trained
+         "data_dir": exp.data.data_dir, "feature_cache": exp.train.cache_dir, "device": exp.train.device,
+         "num_threads": str(exp.train.num_threads), **tracking.source_tags()}))
     run = DurableRun(client, run_id, ctx.spool_root) if run_id else None
     params = resolved_params(exp, searched)
     if run is not None:

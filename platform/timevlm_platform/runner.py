@@ -103,8 +103,8 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     skipped = cluster_checks.preflight(spec, paths.data_dir)
     if skipped:
         spec = spec.without_values("model.vlm", list(skipped))
-        print(f"[timevlm-platform] skipping VLM(s) {', '.join(skipped)} (unavailable_vlms: skip): "
-              f"{'; '.join(skipped.values())}", file=sys.stderr, flush=True)
+        print(f"[timevlm-platform] skipping VLM(s) {', '.join(skipped)} (unavailable_vlms: skip; the study's run "
+              f"and report say why): {next(iter(skipped.values()))}", file=sys.stderr, flush=True)
     tracking.check_reachable(paths.tracking_uri)
     client = MlflowClient(paths.tracking_uri)
     exp_name = opts.experiment_name or f"timevlm-{spec.name}"
