@@ -164,15 +164,16 @@ def test_vlm_report_puts_table_8_beside_ours_and_lists_the_variants_not_run(tmp_
     """The VLM study on ETTh2 (Table 8's setting): the custom VLM's averages over horizons beside the paper's,
     with parameters, memory and s/iter; the variants skipped for missing weights listed with Table 8's figures."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    rows = [({"data.dataset": "ETTh2", "model.pred_len": h, "model.seq_len": 512, "model.model": "timevlm",
-              "train.batch_size": 32, "searched.model.vlm": "custom"},
+    rows = [({"data.dataset": "ETTh2", "data.test_dataset": None, "model.pred_len": h, "model.seq_len": 512,
+              "model.model": "timevlm", "train.batch_size": 32, "searched.model.vlm": "custom"},
              {"best_val_mse": 0.3, "test_mse": mse, "test_mae": 0.4, "system/params_total": 2e6,
               "system/seconds": 64.0, "system/n_train_windows": 8000 + 31, "system/peak_mem_mb": 900})
             for h, mse in ((96, 0.30), (192, 0.34), (336, 0.36), (720, 0.40))]
     c, parent = _study_runs(uri, "vlm", rows)
-    tracking.set_tags(c, parent, {tracking.SKIPPED_TAG: json.dumps({"vilt": "VLM 'vilt' is not available (hub)"})})
+    tracking.set_tags(c, parent, {tracking.SKIPPED_TAG: json.dumps({v: f"VLM '{v}' is not available (hub default): "
+                                                                     "OSError: no weights" for v in ("vilt", "clip")})})
     spec = parse_study({"name": "vlm", "datasets": ["ETTh2"], "horizons": [96, 192, 336, 720], "searcher": "grid",
-                        "search": {"model.vlm": {"type": "grid", "values": ["custom", "vilt"]}},
+                        "search": {"model.vlm": {"type": "grid", "values": ["custom", "vilt", "clip"]}},
                         "unavailable_vlms": "skip", "fixed": {"model": {"seq_len": 512}}})
     md = (write_report(spec, uri, str(tmp_path / "reports")) / "report.md").read_text()
     averaged = md.split("## Averaged over horizons")[1].split("##")[0]
@@ -180,5 +181,5 @@ def test_vlm_report_puts_table_8_beside_ours_and_lists_the_variants_not_run(tmp_
     assert "0.256" in averaged  # s/iter: 64 s over 250 full batches of 32
     assert " 0.17 " in averaged  # Table 8's s/iter for the custom VLM (printed as the paper prints it)
     not_run = md.split("## Not run here")[1]
-    assert "VLM 'vilt' is not available (hub)" in not_run
+    assert "vilt, clip: OSError: no weights" in not_run  # one reason, both named
     assert "vilt" in not_run and "0.336" in not_run and "128.9" in not_run  # Table 8's ViLT row

@@ -48,7 +48,9 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
                "seq_len": int(r.data.params.get("model.seq_len", 0)),
                "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed"),
                "percent": int(r.data.params.get("data.percent") or 100),
-               "test_dataset": r.data.params.get("data.test_dataset") or None}
+               # a parameter is a string: an unset test dataset was logged as "None"
+               "test_dataset": r.data.params.get("data.test_dataset") if r.data.params.get(
+                   "data.test_dataset") not in (None, "", "None") else None}
         row.update(searched_values(r))
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS)})
         row.update({k: r.data.metrics.get(tracking.SYSTEM_PREFIX + k) for k in ("params_total", "seconds", "peak_mem_mb")})
@@ -151,6 +153,14 @@ def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _reasons(skipped: dict[str, str]) -> str:
+    """Why each skipped VLM could not run, the VLMs that failed the same way named together."""
+    by_reason: dict[str, list[str]] = {}
+    for vlm, why in skipped.items():
+        by_reason.setdefault(why.split("): ", 1)[-1].rstrip("."), []).append(vlm)
+    return "; ".join(f"{', '.join(vlms)}: {reason}" for reason, vlms in by_reason.items())
+
+
 def not_run_rows(skipped: dict[str, str], summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     """The published average-over-horizons row of each VLM variant a study skipped, for each dataset (at the
     training percent and input length) it ran."""
@@ -231,7 +241,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     if skipped:
         lines += ["## Not run here", "", "In the study, but their weights were not where it ran, so they have no "
                   "trials (their loaders are tested on tiny configs, tests/test_vlm_adapters.py): "
-                  + "; ".join(skipped.values()) + ". The paper's figures for them:", "",
+                  + _reasons(skipped) + ". The paper's figures for them:", "",
                   _markdown(not_run_rows(skipped, summary, spec)), ""]
     if spec.variants and VARIANT_KEY in keys:
         reference = next(iter(spec.variants))
