@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
@@ -138,3 +139,21 @@ def test_a_write_that_fails_part_way_leaves_no_entry(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(features.pq, "write_table", real)  # the disk has room again
     assert prepare(_cfg(tmp_path), progress=False).cache_info["cache_builds"] == 3
     assert len(cache.keys()) == 3
+
+
+def test_shuffled_features_pair_each_window_with_another_windows_pair(data_dir, tmp_path):
+    own = prepare(_cfg(tmp_path), progress=False)
+    cfg = _cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, shuffle_features=True))
+    shuffled, again = prepare(cfg, progress=False), prepare(cfg, progress=False)
+    for split in ("train", "val", "test"):
+        a, b = own.features[split], shuffled.features[split]
+        # the same rows, in another order; vision and text moved together, so every image keeps its own prompt
+        rows = [int(np.flatnonzero((a.vision.flatten(1) == v).all(1))[0]) for v in b.vision.flatten(1)]
+        assert sorted(rows) == list(range(len(a.vision))) and rows != sorted(rows)
+        torch.testing.assert_close(b.text, a.text[rows])
+        torch.testing.assert_close(again.features[split].vision, b.vision)  # the seed decides the order
+    assert shuffled.cache_info["cache_builds"] == 0  # the cache entries are the windows' own, unshuffled
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_feature_cache=False))
+    with pytest.raises(ValueError, match="shuffle_features"):
+        prepare(cfg, progress=False)

@@ -168,6 +168,10 @@ class TrainConfig:
     # image-text matching (timevlm.losses.itm) and word-patch alignment by optimal transport (timevlm.losses.wpa)
     itm_weight: float = 0.0
     wpa_weight: float = 0.0
+    # a control, not a model setting: pair every window with another window's VLM features (vision and text
+    # together; a fixed permutation per split drawn from the seed). What a model still gains with it on does not
+    # come from what the features say about their own window (timevlm.features.SplitFeatures.shuffled)
+    shuffle_features: bool = False
     # an exponential moving average of the weights, updated after every step with this decay (None: off); it is
     # what validation scores, what early stopping keeps and what the test sees (torch.optim.swa_utils).
     # "auto": the model's own setting, EMA_DECAY_BY_MODEL (an ExperimentConfig writes the number in)

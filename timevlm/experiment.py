@@ -58,13 +58,16 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
         return encoders["e"]
 
     if not exp.train.use_feature_cache:
+        if exp.train.shuffle_features:
+            raise ValueError("train.shuffle_features permutes cached features: it needs train.use_feature_cache")
         model.attach_encoder(make_encoder())
         return prepared
     cache = FeatureCache(exp.train.cache_dir, fallback=exp.train.cache_fallback)
     settings = encoder_settings(mcfg, get_dataset(exp.data.dataset).freq)
     t0 = time.perf_counter()
-    for name, split in splits.items():
-        prepared.features[name] = cache.get_or_build(settings, split, make_encoder, progress=progress)
+    for i, (name, split) in enumerate(splits.items()):
+        feats = cache.get_or_build(settings, split, make_encoder, progress=progress)
+        prepared.features[name] = feats.shuffled(exp.train.seed + i) if exp.train.shuffle_features else feats
     prepared.cache_info = {"cache_hits": cache.stats.hits, "cache_builds": cache.stats.builds,
                            "cache_build_seconds": cache.stats.build_seconds,
                            "cache_seconds": time.perf_counter() - t0, "cache_root": cache.root,

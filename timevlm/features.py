@@ -177,6 +177,12 @@ class SplitFeatures:
     def subset(self, rows: slice) -> SplitFeatures:
         return SplitFeatures(self.vision[rows], self.text[rows])
 
+    def shuffled(self, seed: int) -> SplitFeatures:
+        """The same rows in a random order (one permutation for vision and text, from `seed`): window i gets
+        another window's features, which stay a matched image-prompt pair."""
+        perm = torch.randperm(len(self.vision), generator=torch.Generator().manual_seed(seed))
+        return SplitFeatures(self.vision[perm], self.text[perm])
+
 
 def build_features(encoder: MultimodalEncoder, split: SplitData, batch_size: int = 256,
                    progress: bool = True) -> SplitFeatures:
