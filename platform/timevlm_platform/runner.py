@@ -110,11 +110,13 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     exp_name = opts.experiment_name or f"timevlm-{spec.name}"
     experiment_id, parent = _open_study_run(client, spec, exp_name, paths.tracking_uri, opts.resume, skipped)
     spool_root = spool.tracking_spool_root(paths.storage, parent)
+    # the study's own run: its calls are journaled beside its trials' while MLflow is away (all its state is on disk)
+    study = spool.DurableRun(client, parent, spool_root, count_delays=False)
     _start_ray(opts)
     concurrency = cluster_checks.cluster_concurrency(spec)
     cluster_checks.check_nodes_have_inputs(spec.name, *cluster_checks.node_inputs(
         spec, paths.data_dir, paths.cache_dir, opts.use_feature_cache), cluster_checks.alive_nodes())
-    built = _prebuild(spec, opts, paths, spool.DurableRun(client, parent, spool_root, count_delays=False))
+    built = _prebuild(spec, opts, paths, study)
     print(f"[timevlm-platform] study {spec.name}: {len(spec.cells())} cell(s) x "
           f"{'grid' if spec.searcher == 'grid' else spec.trials} trials, {spec.epochs} epochs, "
           f"{concurrency} concurrent; MLflow {paths.tracking_uri} (experiment {exp_name}, parent run {parent})",
@@ -135,7 +137,6 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     deadline = time.monotonic() + opts.tracking_wait_s
     spool.flush_all(client, spool_root, opts.tracking_wait_s, last=parent)
     faults.pause("study_end")
-    study = spool.DurableRun(client, parent, spool_root, count_delays=False)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     stopped = {t for t in table.loc[table["status"] == "STOPPED", "trial"]} if len(table) else set()
     study_results.close_stopped(study, experiment_id, stopped, spec.scheduler.type.upper())
