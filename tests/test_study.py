@@ -144,9 +144,13 @@ def test_variants_and_presets_resolve_per_cell():
     switches = {v: ablation.experiment("ETTh1", 96, {"variant": v}).model for v in ablation.variants}
     assert [(m.use_ral, m.use_val, m.use_tal) for m in switches.values()] == [
         (True, True, True), (False, True, True), (True, False, True), (True, True, False), (True, False, False),
-        (True, True, True)]
+        (True, True, True), (True, True, True), (True, True, True)]
     aligned = ablation.experiment("Weather", 720, {"variant": "full + align"})
     assert (aligned.train.itm_weight, aligned.train.wpa_weight, aligned.train.forecast_loss) == (0.1, 0.1, "mse+mae")
+    assert not aligned.train.shuffle_features
+    control = ablation.experiment("Weather", 720, {"variant": "full + align, shuffled features"}).train
+    assert (control.itm_weight, control.forecast_loss, control.shuffle_features) == (0.1, "mse+mae", True)
+    assert ablation.experiment("ETTh1", 96, {"variant": "full + mse+mae"}).train.itm_weight == 0.0
     assert (aligned.data.percent, aligned.model.seq_len) == (10, 512)  # the paper's few-shot regime
 
 
