@@ -9,6 +9,7 @@ check a plan end to end on a laptop.
     python benchmarks/fidelity.py --plan-file benchmarks/plans/few_shot.yaml --out reports/accuracy --parallel 2
     python benchmarks/fidelity.py --plan-file benchmarks/plans/few_shot.yaml --quick --match '^ETTh1-512-96' --out /tmp/f
     python benchmarks/fidelity.py summarize reports/accuracy/*.csv     # markdown tables, sorted by validation
+    python benchmarks/fidelity.py plot reports/ablation/weather_10pct.csv reports/ablation/weather_10pct.png  # seeds as dots
 """
 from __future__ import annotations
 
@@ -171,11 +172,52 @@ def summarize(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def plot(paths: list[str], out: str) -> Path:
+    """A PNG per the runs in `paths`: one panel per setting, a bar per variant at its mean test MSE over seeds with
+    each seed as a dot, so a difference can be read against the spread between seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    df = df[df["error"].isna()]
+    settings = list(dict.fromkeys(df["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 0.45 * df["variant"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        g = df[df["setting"] == setting]
+        # grouped by what was added to a variant ("", " + align", ...), the ablated ones after "full" in each group
+        seen = list(dict.fromkeys(g["variant"]))
+        base = {v: re.split(r" \+ |, ", v)[0] for v in seen}
+        rank = {b: i for i, b in enumerate(dict.fromkeys(["full", "w/o RAL", "w/o VAL", "w/o TAL", "temporal only",
+                                                           *base.values()]))}
+        order = sorted(seen, key=lambda v: (v[len(base[v]):], rank[base[v]]))
+        means = g.groupby("variant")["test_mse"].mean().reindex(order)
+        ax.barh(range(len(order)), means.values, color="#9ecae1")
+        for i, v in enumerate(order):
+            seeds = g.loc[g["variant"] == v, "test_mse"]
+            ax.plot(seeds, [i] * len(seeds), "o", color="#08519c", ms=4)
+        ax.set_yticks(range(len(order)), order)
+        ax.invert_yaxis()
+        lo, hi = g["test_mse"].min(), g["test_mse"].max()
+        ax.set_xlim(lo - 0.25 * (hi - lo) - 1e-4, hi + 0.1 * (hi - lo) + 1e-4)
+        ax.set_xlabel("test MSE (bar: mean over seeds; dots: seeds)")
+        ax.set_title(setting)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["summarize"]:
         print(summarize(argv[1:]))
         return Path(".")
+    if argv[:1] == ["plot"]:  # plot CSV... PNG
+        return plot(argv[1:-1], argv[-1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan-file", required=True, help="a YAML plan (benchmarks/plans/)")
     ap.add_argument("--out", default="reports/accuracy")
