@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import copy
 import csv
 import multiprocessing as mp
@@ -102,14 +103,18 @@ def _prebuild(cfg: dict, threads: int = 0) -> str:
             f"{p.cache_info.get('cache_builds', 0)} built in {time.perf_counter() - t0:.0f}s")
 
 
+def _row_head(run: Run) -> dict[str, Any]:
+    return {"setting": run.setting, "dataset": run.dataset, "seq_len": run.seq_len, "pred_len": run.pred_len,
+            "variant": run.variant, "seed": run.seed}
+
+
 def _train(run: Run, cfg: dict) -> dict[str, Any]:
     import torch
 
     from timevlm.config import ExperimentConfig
     from timevlm.experiment import run_experiment
 
-    row: dict[str, Any] = {"setting": run.setting, "dataset": run.dataset, "seq_len": run.seq_len,
-                           "pred_len": run.pred_len, "variant": run.variant, "seed": run.seed}
+    row = _row_head(run)
     t0 = time.perf_counter()
     try:
         out = run_experiment(ExperimentConfig.from_dict(cfg))
@@ -258,7 +263,12 @@ def main(argv: list[str] | None = None) -> Path:
                                                          "Time-VLM" not in runs[i].variant))
         futures = {pool.submit(_train, runs[i], cfgs[i]): runs[i] for i in order}
         for done, fut in enumerate(cf.as_completed(futures), 1):
-            row = fut.result()
+            try:
+                row = fut.result()
+            except BrokenProcessPool as e:  # a run's process died (the OOM killer, say): the pool is
+                # gone, so this run and every one still waiting get a row that says so, never a silent gap
+                row = {**_row_head(futures[fut]), "error": f"BrokenProcessPool: a run's process died (killed for "
+                                                           f"memory? fewer --parallel); not finished ({e})"}
             writer.writerow(row)
             f.flush()
             status = row.get("error") or (f"test MSE {row['test_mse']:.4f} MAE {row['test_mae']:.4f} "
