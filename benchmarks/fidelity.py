@@ -207,7 +207,8 @@ def plot(paths: list[str], out: str) -> Path:
         ax.set_yticks(range(len(order)), order)
         ax.invert_yaxis()
         lo, hi = g["test_mse"].min(), g["test_mse"].max()
-        ax.set_xlim(lo - 0.25 * (hi - lo) - 1e-4, hi + 0.1 * (hi - lo) + 1e-4)
+        pad = max(hi - lo, 0.08 * hi) / 4  # at least 8% of the scale shown: a 0.3% difference looks like one
+        ax.set_xlim(lo - pad, hi + pad)
         ax.set_xlabel("test MSE (bar: mean over seeds; dots: seeds)")
         ax.set_title(setting)
     fig.tight_layout()
