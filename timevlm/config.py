@@ -197,6 +197,8 @@ class TrainConfig:
                  f"forecast_loss must be mse or mse+mae, got {self.forecast_loss!r}")
         _require(self.itm_weight >= 0 and self.wpa_weight >= 0,
                  f"itm_weight and wpa_weight must be >= 0, got {self.itm_weight} and {self.wpa_weight}")
+        _require(self.use_feature_cache or not self.shuffle_features,
+                 "shuffle_features permutes the cached features: it needs use_feature_cache")
         _require(self.lr_schedule in ("cosine", "halving", "constant"),
                  f"lr_schedule must be cosine, halving or constant, got {self.lr_schedule!r}")
 

@@ -58,8 +58,6 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
         return encoders["e"]
 
     if not exp.train.use_feature_cache:
-        if exp.train.shuffle_features:
-            raise ValueError("train.shuffle_features permutes cached features: it needs train.use_feature_cache")
         model.attach_encoder(make_encoder())
         return prepared
     cache = FeatureCache(exp.train.cache_dir, fallback=exp.train.cache_fallback)

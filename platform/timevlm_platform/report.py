@@ -43,14 +43,13 @@ def collect(client: MlflowClient, experiment: str, study: str) -> tuple[str, pd.
                               filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
     rows = []
     for r in runs:
+        test = r.data.params.get("data.test_dataset")  # a parameter is a string: unset was logged as "None"
         row = {"run_id": r.info.run_id, "status": r.info.status, "dataset": r.data.params.get("data.dataset"),
                "horizon": int(r.data.params.get("model.pred_len", 0)),
                "seq_len": int(r.data.params.get("model.seq_len", 0)),
                "model": r.data.params.get("model.model"), "seed": r.data.params.get("train.seed"),
                "percent": int(r.data.params.get("data.percent") or 100),
-               # a parameter is a string: an unset test dataset was logged as "None"
-               "test_dataset": r.data.params.get("data.test_dataset") if r.data.params.get(
-                   "data.test_dataset") not in (None, "", "None") else None}
+               "test_dataset": test if test not in ("", "None") else None}
         row.update(searched_values(r))
         row.update({k: r.data.metrics.get(k) for k in (*METRICS, *M4_METRICS)})
         row.update({k: r.data.metrics.get(tracking.SYSTEM_PREFIX + k) for k in ("params_total", "seconds", "peak_mem_mb")})
