@@ -182,6 +182,11 @@ def _start_ray(opts: RunOptions) -> None:
     # must be allowed to wait for them longer than Ray Train's default 60 s (inherited by a local cluster;
     # on a real cluster set it in the job's runtime env, see cluster/runtime_env.yaml).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    if opts.address is None and not ray.is_initialized():
+        # A local cluster is this one machine: no node can be preempted, so Train V2's PreemptionWatcher (one
+        # more actor per trial, whose start Ray's core worker logs at ERROR, ray-project/ray#57733) has nothing
+        # to watch. A real cluster keeps it (its runtime env decides).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_worker()  # before Ray starts: a local cluster's workers inherit these settings
     if not ray.is_initialized():
         # The local Ray starts with its dashboard: it serves the State API that Train V2's PlacementGroupCleaner
