@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from timevlm_platform import tracking
 from timevlm_platform.console import trial_line
 from timevlm_platform.spool import DurableRun
-from timevlm_platform.study_results import close_stopped
+from timevlm_platform.study_results import close_stopped, fail_trial
 
 
 def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
@@ -38,6 +38,14 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     assert c.get_run(running).info.status == "RUNNING"  # no verdict of STOPPED: not called stopped
     close_stopped(study, exp, {"t0", "t2"})  # a second call (e.g. --resume) renames nothing twice
     assert c.get_run(stopped).info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
+    # the teardown's error can also come after the verdict (the stopped trial's driver still in its
+    # TorchTrainer when Tune has finished, or its journal replayed at the study's end): the verdict stands
+    fail_trial(DurableRun(c, stopped, tmp_path / "spool"), "ActorDiedError: placement group was removed")
+    run = c.get_run(stopped)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    fail_trial(DurableRun(c, running, tmp_path / "spool"), "TrainingFailedError: worker died 3 times")
+    run = c.get_run(running)  # a trial no scheduler stopped fails with its reason
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TrainingFailedError")
 
 
 def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):

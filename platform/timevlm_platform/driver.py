@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from timevlm.config import ExperimentConfig, RunEnv
-from timevlm_platform import tracking
+from timevlm_platform import study_results, tracking
 from timevlm_platform.console import quiet_worker
 from timevlm_platform.spool import DurableRun
 from timevlm_platform.study import CELL_KEY, VARIANT_KEY, Cell, StudySpec
@@ -133,14 +133,12 @@ def train_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         result = trainer.fit()
     except Exception as e:
         if run is not None:
-            run.set_tags({"failure_reason": f"{type(e).__name__}: {e}"})
-            run.terminate(False)
+            study_results.fail_trial(run, f"{type(e).__name__}: {e}")
         raise
     reason = diverged_reason(result.checkpoint)
     if reason:
         if run is not None:
-            run.set_tags({"failure_reason": f"diverged: {reason}"})
-            run.terminate(False)
+            study_results.fail_trial(run, f"diverged: {reason}")
         raise TrialDiverged(reason)
     if run is not None:
         run.terminate(True)

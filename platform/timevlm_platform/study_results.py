@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,23 @@ def _close_stopped(client: MlflowClient, parent_id: str, experiment_id: str, sto
             client.delete_tag(run.info.run_id, "failure_reason")
         client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
         client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def fail_trial(run: DurableRun, reason: str) -> None:
+    """End a trial's run FAILED with its reason (a journaled call of the trial's run, see `_fail_trial`)."""
+    run.call("fail_trial", reason=reason, end_time=int(time.time() * 1000))
+
+
+@spool.op("fail_trial")
+def _fail_trial(client: MlflowClient, run_id: str, reason: str, end_time: int) -> None:
+    """A trial's run ends FAILED with `failure_reason`, unless the study has already closed it as stopped by its
+    scheduler (`_close_stopped`): a stopped trial's driver can still be inside its TorchTrainer after Tune has
+    finished, and the teardown's error (the Train controller's placement group removed) then arrives after the
+    study's verdict, or is replayed from the journal after it. Tune's verdict wins in either order."""
+    if tracking.OUTCOME_TAG in client.get_run(run_id).data.tags:
+        return
+    tracking.set_tags(client, run_id, {"failure_reason": reason})
+    client.set_terminated(run_id, "FAILED", end_time=end_time)
 
 
 def _metric_values(best, keys) -> dict[str, float]:
