@@ -19,6 +19,8 @@ def _spec() -> dict[str, Any]:
 
 
 def nan_after_epoch(flat_config: dict[str, Any]) -> int | None:
+    """{"nan_after_epoch": N, "when": {param: value}}: the matching trial's weights turn NaN at the end of epoch N
+    (and of any later epoch, after a restart from an earlier checkpoint), so its next loss is not finite."""
     spec = _spec()
     if "nan_after_epoch" not in spec:
         return None

@@ -199,7 +199,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 torch.save(state.to_dict(), Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
-        if poison_at == m.epoch:  # chaos test only (faults.py): make the next loss non-finite
+        # chaos test only (faults.py): make the next loss non-finite, at every epoch's end from `poison_at` on,
+        # so that a worker restarted from an earlier checkpoint still diverges
+        if poison_at is not None and m.epoch >= poison_at:
             with torch.no_grad():
                 for prm in model.parameters():
                     prm.fill_(float("nan"))
