@@ -74,7 +74,7 @@ def _model(client: MlflowClient, run_id: str, path: str, name: str, params: dict
 
 
 def _terminate(client: MlflowClient, run_id: str, status: str, end_time: int) -> None:
-    client.set_terminated(run_id, status=status, end_time=end_time)
+    tracking.finish(client, run_id, ok=status == RunStatus.to_string(RunStatus.FINISHED), end_time=end_time)
 
 
 # Answers that say the server is up and refuses the call itself: sending it again cannot succeed, so it is

@@ -92,7 +92,7 @@ def _close_stopped(client: MlflowClient, parent_id: str, experiment_id: str, sto
         if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
             client.delete_tag(run.info.run_id, "failure_reason")
         client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
-        client.set_terminated(run.info.run_id, "FINISHED")
+        tracking.finish(client, run.info.run_id, ok=True)
 
 
 def fail_trial(run: DurableRun, reason: str) -> None:
@@ -108,8 +108,7 @@ def _fail_trial(client: MlflowClient, run_id: str, reason: str, end_time: int) -
     study's verdict, or is replayed from the journal after it. Tune's verdict wins in either order."""
     if tracking.OUTCOME_TAG in client.get_run(run_id).data.tags:
         return
-    tracking.set_tags(client, run_id, {"failure_reason": reason})
-    client.set_terminated(run_id, "FAILED", end_time=end_time)
+    tracking.finish(client, run_id, ok=False, reason=reason, end_time=end_time)
 
 
 def _metric_values(best, keys) -> dict[str, float]:

@@ -224,7 +224,10 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
-def finish(client: MlflowClient, run_id: str, ok: bool, reason: str = "") -> None:
+def finish(client: MlflowClient, run_id: str, ok: bool, reason: str = "", end_time: int | None = None) -> None:
+    """End a run FINISHED or FAILED (with `failure_reason`); `end_time` (ms) when the end was decided earlier than
+    now, e.g. a journaled call replayed after an outage."""
     if reason:
         set_tags(client, run_id, {"failure_reason": reason})
-    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED),
+                          end_time=end_time)
