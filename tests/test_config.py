@@ -18,6 +18,7 @@ def test_paper_defaults():
     (dict(seq_len=16, patch_len=16), "seq_len \\(16\\) must be greater than patch_len \\(16\\)"),
     (dict(d_model=30, n_heads=4), "d_model \\(30\\) must be divisible by n_heads"),
     (dict(norm_const=0), "norm_const must be in"),
+    (dict(instance_norm="batch"), "instance_norm must be revin or none"),
     (dict(vlm="llava"), "unknown VLM 'llava'"),
     (dict(use_ral=False, use_val=False, use_tal=False), "at least one of use_ral"),
     (dict(pred_len=0), "pred_len must be a positive integer"),

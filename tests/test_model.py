@@ -91,6 +91,26 @@ def test_without_val_and_tal_the_model_is_the_temporal_branch_alone():
     torch.testing.assert_close(model(x), forecast.permute(0, 2, 1) * std + mean)
 
 
+@pytest.mark.parametrize("name,default", [("timevlm", "revin"), ("patchtst", "revin"), ("dlinear", "none")])
+def test_instance_norm_takes_the_window_level_out_or_leaves_it_in(name, default):
+    """revin: the forecast follows the window's level and scale, y(2x + 3) = 2 y(x) + 3, whatever the weights;
+    none: the network sees the raw window, so it does not; unset: the model's published choice."""
+    x, out = torch.randn(B, L, N), {}
+    for mode in (None, "revin", "none"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(CFG, model=name, instance_norm=mode, use_val=False, use_tal=False))
+        with torch.no_grad():
+            for p in model.parameters():  # away from the initialisation (DLinear's starts as the window's mean)
+                p.add_(torch.randn_like(p) * 0.05)
+            model.eval()
+            out[mode] = model(x), model(2 * x + 3)
+    y, moved = out["revin"]
+    torch.testing.assert_close(moved, 2 * y + 3, atol=1e-3, rtol=1e-3)
+    y, moved = out["none"]
+    assert not torch.allclose(moved, 2 * y + 3, atol=0.05)
+    torch.testing.assert_close(out[None][0], out[default][0])
+
+
 def test_closed_gate_gives_exactly_the_temporal_forecast():
     torch.manual_seed(0)
     full = build_model(CFG).eval()
@@ -288,6 +308,7 @@ def test_feature_fields_are_exactly_the_settings_that_change_the_feature_cache_k
         value = getattr(base, f.name)
         changed = (not value if isinstance(value, bool) else value * 2 if isinstance(value, int)
                    else value / 2 if isinstance(value, float) else "dlinear" if f.name == "model"
+                   else "none" if f.name == "instance_norm"
                    else None if value is not None else 64)
         extra = {"head_drop": 0.0} if f.name == "linear_skip" else {}  # head_drop needs the linear path
         cfg = dataclasses.replace(base, **{f.name: changed}, **extra)

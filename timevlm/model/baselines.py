@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timevlm.config import ModelConfig
+from timevlm.model.normalization import window_stats
 
 
 class DecompositionLinear(nn.Module):
@@ -40,9 +41,12 @@ class DLinear(DecompositionLinear):
 
     def __init__(self, cfg: ModelConfig, kernel: int = 25) -> None:
         super().__init__(cfg.seq_len, cfg.pred_len, kernel)
+        self.instance_norm = cfg.instance_norm or "none"
 
     def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 1)).permute(0, 2, 1)  # per variable: [B, N, L] -> [B, N, H]
+        mean, std = window_stats(x, self.instance_norm)
+        y = super().forward(((x - mean) / std).permute(0, 2, 1))  # per variable: [B, N, L] -> [B, N, H]
+        return y.permute(0, 2, 1) * std + mean
 
 
 class PatchTST(nn.Module):
@@ -60,11 +64,11 @@ class PatchTST(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(d * n_patches, cfg.pred_len)
+        self.instance_norm = cfg.instance_norm or "revin"
 
     def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
         b, l, n = x.shape
-        mean = x.mean(1, keepdim=True).detach()
-        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach()
+        mean, std = window_stats(x, self.instance_norm)
         s = ((x - mean) / std).permute(0, 2, 1)  # RevIN, [B, N, L]
         s = F.pad(s, (0, self.stride), mode="replicate")
         patches = s.unfold(-1, self.patch_len, self.stride).reshape(b * n, -1, self.patch_len)

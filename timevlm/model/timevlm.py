@@ -8,6 +8,7 @@ from torch import nn
 from timevlm.config import ModelConfig
 from timevlm.model.fusion import MultimodalResidual
 from timevlm.model.multimodal import Features, MultimodalEncoder
+from timevlm.model.normalization import window_stats
 from timevlm.model.ral import RAL
 from timevlm.model.vlm.base import feature_dims
 
@@ -65,8 +66,7 @@ class TimeVLM(nn.Module):
         return self.combine(self.forecast_parts(x, features), self._switch_buffers())
 
     def _inputs(self, x: torch.Tensor, features: Features | None):
-        mean = x.mean(1, keepdim=True).detach()
-        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach() / self.cfg.norm_const
+        mean, std = window_stats(x, self.cfg.instance_norm or "revin", self.cfg.norm_const)
         if self.uses_features and features is None:
             features = self.encode(x)
         vision = features["vision"].to(x.device, x.dtype) if features and self.cfg.use_val else None
