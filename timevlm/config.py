@@ -8,6 +8,7 @@ from typing import Any, Literal
 from timevlm.errors import ConfigError
 
 VLM_VARIANTS = ("custom", "clip", "vilt", "blip2")
+INSTANCE_NORMS = ("revin", "none")  # timevlm/model/normalization.py
 MODEL_KINDS = ("timevlm", "dlinear", "patchtst")
 
 
@@ -77,7 +78,7 @@ class ModelConfig:
     # per-window instance normalisation: "revin" (each window's mean and std out, back into the forecast) or
     # "none" (the raw window); None: the model's published choice (revin for Time-VLM and PatchTST, none for
     # DLinear). reports/accuracy: none helps Time-VLM on ETTh1 5% at H 96 and hurts it on ETTm1 10% at H 720
-    instance_norm: str | None = None
+    instance_norm: Literal["revin", "none"] | None = None
     # ablations: each switch removes the branch from the forward pass
     use_ral: bool = True
     use_val: bool = True
@@ -108,8 +109,8 @@ class ModelConfig:
         _require(self.d_fusion % self.n_heads == 0,
                  f"d_fusion ({self.d_fusion}) must be divisible by n_heads ({self.n_heads})")
         _require(0.0 < float(self.norm_const) <= 10.0, f"norm_const must be in (0, 10], got {self.norm_const}")
-        _require(self.instance_norm in (None, "revin", "none"),
-                 f"instance_norm must be revin or none (or unset), got {self.instance_norm!r}")
+        _require(self.instance_norm is None or self.instance_norm in INSTANCE_NORMS,
+                 f"instance_norm must be {' or '.join(INSTANCE_NORMS)} (or unset), got {self.instance_norm!r}")
         _require(isinstance(self.linear_skip, bool), f"linear_skip must be true or false, got {self.linear_skip!r}")
         _require(self.linear_skip or self.head_drop == 0.0,
                  f"head_drop ({self.head_drop}) drops the head's residual on the linear map: it needs linear_skip")

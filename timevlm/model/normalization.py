@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("revin", "none")
+from timevlm.config import INSTANCE_NORMS
 
 
 def window_stats(x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,4 +22,4 @@ def window_stats(x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.
     if mode == "none":
         stats = x.new_zeros(x.shape[0], 1, x.shape[2])
         return stats, stats + 1.0 / scale
-    raise ValueError(f"instance_norm must be one of {MODES}, got {mode!r}")
+    raise ValueError(f"instance_norm must be one of {INSTANCE_NORMS}, got {mode!r}")
