@@ -47,6 +47,8 @@ class Run:
         data = self.config.get("data", {})
         target = f">{data['test_dataset']}" if data.get("test_dataset") else ""
         percent = f"-{data['percent']}pct" if data.get("percent", 100) != 100 else ""
+        if percent and data.get("few_shot") == "first":  # unlabelled: the default, random cut
+            percent += "-first"
         return f"{self.dataset}{target}-{self.seq_len}-{self.pred_len}{percent}"
 
     def experiment(self, quick: bool, device: str) -> dict[str, dict[str, Any]]:
@@ -137,7 +139,8 @@ def _feature_configs(runs: list[Run], cfgs: list[dict]) -> list[dict]:
             continue
         full = ExperimentConfig.from_dict({**cfg, "model": {**cfg["model"], "use_val": True, "use_tal": True,
                                                             "use_ral": True}})
-        key = (run.dataset, str(encoder_settings(full.model)), str(cfg["data"]))
+        # the seed draws a random few-shot cut's training windows, so it is part of what the features are for
+        key = (run.dataset, str(encoder_settings(full.model)), str(cfg["data"]), run.seed)
         if key not in seen:
             seen.add(key)
             out.append(full.to_dict())

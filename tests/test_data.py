@@ -57,12 +57,45 @@ def test_scaler_is_fitted_on_train_only_and_windows_line_up(data_dir):
     np.testing.assert_allclose(x[-1], train.scaler.transform(raw[11519:11520])[0], rtol=1e-5)
 
 
-def test_few_shot_takes_the_first_windows(data_dir):
+def test_few_shot_first_cut_takes_the_first_windows(data_dir):
     full = load_split("ETTh1", "train", 96, 96, DataConfig())
-    few = load_split("ETTh1", "train", 96, 96, DataConfig(percent=10))
+    few = load_split("ETTh1", "train", 96, 96, DataConfig(percent=10, few_shot="first"))
     assert len(few) == (8640 - 96) * 10 // 100 + 96 - 96 - 96 + 1 == 759
     np.testing.assert_array_equal(few.window(0)[0], full.window(0)[0])
     np.testing.assert_array_equal(few.window(758)[1], full.window(758)[1])
+
+
+def test_few_shot_random_cut_draws_from_all_windows_with_the_seed(data_dir):
+    """The official Time-VLM cut: int(n * percent / 100) of all training windows, drawn with the run's seed;
+    the scaler is still fit on the whole training split, and val/test are the full-data ones."""
+    full = build_splits(DataConfig(dataset="ETTh1"), 512, 720)
+    cfg = DataConfig(dataset="ETTh1", percent=10)
+    a, b = build_splits(cfg, 512, 720, seed=2021), build_splits(cfg, 512, 720, seed=2021)
+    other = build_splits(cfg, 512, 720, seed=2022)["train"]
+    assert len(full["train"]) == 7409 and len(a["train"]) == 740 == len(other)  # official: 740 (first cut: 93)
+    np.testing.assert_array_equal(a["train"].starts, b["train"].starts)  # the seed decides the draw...
+    assert len(np.setdiff1d(a["train"].starts, other.starts)) > 600
+    assert set(a["train"].starts) <= set(full["train"].starts) and np.all(np.diff(a["train"].starts) > 0)
+    assert a["train"].starts.max() > 0.9 * full["train"].starts.max()  # ...from the whole split, not its start
+    np.testing.assert_array_equal(a["train"].values, full["train"].values)  # same rows, same scaler
+    np.testing.assert_array_equal(a["train"].scaler.mean, full["train"].scaler.mean)
+    for s in ("val", "test"):
+        np.testing.assert_array_equal(a[s].starts, full[s].starts)
+        np.testing.assert_array_equal(a[s].values, full[s].values)
+    x, y = a["train"].window(5)
+    s0 = int(a["train"].starts[5])
+    np.testing.assert_array_equal(y, full["train"].values[s0 + 512:s0 + 512 + 720])
+
+
+def test_few_shot_random_cut_holds_where_the_first_cut_has_no_window(data_dir):
+    """ETTh1 5% at 512 -> 720: the first 5% of the rows hold no window; the random cut keeps 370 of 7409."""
+    with pytest.raises(DataError, match="too short"):
+        load_split("ETTh1", "train", 512, 720, DataConfig(percent=5, few_shot="first"))
+    assert len(load_split("ETTh1", "train", 512, 720, DataConfig(percent=5), seed=7)) == 370
+    with pytest.raises(DataError, match="seed"):
+        load_split("ETTh1", "train", 512, 720, DataConfig(percent=5))
+    with pytest.raises(ConfigError, match="few_shot must be random or first, got 'last'"):
+        DataConfig(percent=5, few_shot="last")
 
 
 def test_zero_shot_tests_on_the_target(data_dir):

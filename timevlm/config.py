@@ -10,6 +10,7 @@ from timevlm.errors import ConfigError
 VLM_VARIANTS = ("custom", "clip", "vilt", "blip2")
 INSTANCE_NORMS = ("revin", "none")  # timevlm/model/normalization.py
 MODEL_KINDS = ("timevlm", "dlinear", "patchtst")
+FEW_SHOT_CUTS = ("random", "first")  # timevlm/data/windows.py
 
 
 # Field metadata of the settings that say where and how a run executes on this machine (files, cache, device,
@@ -131,13 +132,20 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "ETTh1"
     data_dir: str | None = field(default=None, metadata=ENV)  # None: $TIMEVLM_DATA_DIR, then ../shared/data
-    percent: int = 100  # few-shot: first percent% of training windows (Time-LLM protocol)
+    percent: int = 100  # few-shot: train on percent% of the training windows, chosen by `few_shot`
+    # which windows a few-shot run keeps: "random", the official Time-VLM code's protocol (int(n * percent / 100)
+    # windows drawn with train.seed from all training windows), or "first", Time-LLM's and OFA's (the windows of
+    # the first percent% of the training rows; what the paper's DLinear/PatchTST rows used). The scaler is fit
+    # on the whole training split under both
+    few_shot: Literal["random", "first"] = "random"
     test_dataset: str | None = None  # zero-shot: evaluate on another dataset's test split
     max_windows: int | None = None  # smoke runs only: cap windows per split (evenly spaced)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.percent, int) and 1 <= self.percent <= 100,
                  f"percent must be an integer in [1, 100], got {self.percent!r}")
+        _require(self.few_shot in FEW_SHOT_CUTS,
+                 f"few_shot must be {' or '.join(FEW_SHOT_CUTS)}, got {self.few_shot!r}")
         _require(self.max_windows is None or self.max_windows > 0, "max_windows must be positive")
 
 

@@ -43,7 +43,7 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     """Load the splits, build the model, and get the VLM features: from the cache (computed once per key),
     or through an attached encoder computing them at every step when use_feature_cache is False."""
     mcfg = exp.model  # resolved with the experiment (ExperimentConfig)
-    splits = build_splits(exp.data, mcfg.seq_len, mcfg.pred_len)
+    splits = build_splits(exp.data, mcfg.seq_len, mcfg.pred_len, exp.train.seed)
     seed_everything(exp.train.seed)  # the seed decides the initial weights too
     model = build_model(mcfg)
     prepared = Prepared(exp, splits, model, {s: None for s in splits})
@@ -80,7 +80,7 @@ def feature_plan(exp: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Split
     if not needs_features(mcfg):
         return None
     return (encoder_settings(mcfg, get_dataset(exp.data.dataset).freq),
-            build_splits(exp.data, mcfg.seq_len, mcfg.pred_len))
+            build_splits(exp.data, mcfg.seq_len, mcfg.pred_len, exp.train.seed))
 
 
 def feature_encoder(exp: ExperimentConfig, device: torch.device | str) -> MultimodalEncoder:

@@ -122,7 +122,7 @@ def preflight(spec: StudySpec, data_dir: str) -> dict[str, str]:
     for cell in spec.cells():
         base = spec.experiment(cell.dataset, cell.horizon, {}, cell.test_dataset)
         for seq_len in seq_lens or [base.model.seq_len]:
-            build_splits(base.placed(RunEnv(data_dir)).data, int(seq_len), cell.horizon)
+            build_splits(base.placed(RunEnv(data_dir)).data, int(seq_len), cell.horizon, base.train.seed)
     skipped = {}
     for vlm in vlms or [base.model.vlm]:
         cfg = dataclasses.replace(base.model, vlm=vlm)

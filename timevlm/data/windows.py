@@ -30,10 +30,20 @@ def split_borders(spec: DatasetSpec, n_rows: int, seq_len: int) -> tuple[list[in
 
 
 def few_shot_border(border1: int, border2: int, seq_len: int, percent: int) -> int:
-    """Time-LLM protocol: keep the first `percent`% of training windows (not a random subset)."""
+    """The `first` cut (Time-LLM, OFA): the training split ends after the first `percent`% of its rows."""
     if percent >= 100:
         return border2
     return (border2 - seq_len) * percent // 100 + seq_len
+
+
+def few_shot_sample(starts: np.ndarray, percent: int, seed: int, where: str) -> np.ndarray:
+    """The `random` cut (the official Time-VLM code, data_factory.py): `n * percent // 100` of the `n` training
+    windows, drawn with `seed` (a torch.randperm, as there), returned in time order."""
+    keep = len(starts) * percent // 100
+    if keep < 1:
+        raise DataError(f"{where}: {percent}% of {len(starts)} training windows is no window")
+    pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed))[:keep].numpy()
+    return starts[np.sort(pick)]
 
 
 @dataclass
@@ -119,7 +129,10 @@ def subsample(starts: np.ndarray, max_windows: int | None) -> np.ndarray:
     return starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
 
 
-def load_split(name: str, split: str, seq_len: int, pred_len: int, cfg: DataConfig) -> SplitData:
+def load_split(name: str, split: str, seq_len: int, pred_len: int, cfg: DataConfig,
+               seed: int | None = None) -> SplitData:
+    """One split's windows. A few-shot training split (`cfg.percent` < 100) is cut as `cfg.few_shot` says; the
+    random cut draws with `seed` (the run's train.seed), which it then requires."""
     spec = get_dataset(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
@@ -130,13 +143,19 @@ def load_split(name: str, split: str, seq_len: int, pred_len: int, cfg: DataConf
     scaler = Scaler.fit(raw[b1s[0]:b2s[0]])
     k = SPLITS.index(split)
     b1, b2 = b1s[k], b2s[k]
-    if split == "train":
+    random_cut = split == "train" and cfg.percent < 100 and cfg.few_shot == "random"
+    if split == "train" and cfg.few_shot == "first":
         b2 = few_shot_border(b1, b2, seq_len, cfg.percent)
     if b1 < 0:
         raise DataError(f"{spec.file}: seq_len {seq_len} reaches before the first row of the {split} split")
     values = scaler.transform(raw[b1:b2])
-    starts = subsample(_windows(len(values), seq_len, pred_len, f"{spec.file} ({split} split)"),
-                        cfg.max_windows)
+    where = f"{spec.file} ({split} split)"
+    starts = _windows(len(values), seq_len, pred_len, where)
+    if random_cut:
+        if seed is None:
+            raise DataError(f"{where}: the random few-shot cut draws its windows with the run's seed; none given")
+        starts = few_shot_sample(starts, cfg.percent, seed, where)
+    starts = subsample(starts, cfg.max_windows)
     return SplitData(spec.name, split, values, starts, seq_len, pred_len, scaler, spec.description)
 
 
