@@ -48,10 +48,33 @@ def test_a_batch_one_window_float64_and_a_dataframe_give_the_same_forecasts(fore
     np.testing.assert_allclose(one, want[1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(model.predict(raw.tolist()), want, rtol=1e-4, atol=1e-4)  # nested lists
     # a DataFrame with the channel columns (any order, extra columns ignored), two windows stacked
-    frame = pd.DataFrame(raw[:2].reshape(-1, 7), columns=channels)[channels[::-1]].assign(date="x")
+    frame = pd.DataFrame(raw[:2].reshape(-1, 7), columns=channels)[channels[::-1]].assign(note="x")
     out = model.predict(frame)
     assert isinstance(out, pd.DataFrame) and list(out.columns) == channels and len(out) == 2 * PRED
     np.testing.assert_allclose(out.to_numpy().reshape(2, PRED, 7), want[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_a_dataframe_with_dates_comes_back_indexed_by_the_next_timestamps(forecaster):
+    """ETTh1 is hourly: the forecast of a window ending 2018-03-02 23:00 is indexed 2018-03-03 00:00 ... +23 h."""
+    model, raw, want = forecaster
+    channels = model.metadata.metadata["channels"]
+    dates = pd.date_range("2018-03-01 00:00", periods=SEQ, freq="h")
+    out = model.predict(pd.DataFrame(raw[0], columns=channels).assign(date=dates.astype(str)))
+    assert isinstance(out.index, pd.DatetimeIndex) and out.index.name == "date"
+    assert out.index[0] == pd.Timestamp("2018-03-03 00:00") and out.index[-1] == pd.Timestamp("2018-03-03 23:00")
+    np.testing.assert_allclose(out.to_numpy(), want[0], rtol=1e-4, atol=1e-4)
+    two = pd.DataFrame(raw[:2].reshape(-1, 7), columns=channels).assign(
+        date=pd.date_range("2018-03-01", periods=2 * SEQ, freq="h"))
+    idx = model.predict(two).index
+    assert idx.names == ["window", "date"] and idx[PRED] == (1, pd.Timestamp("2018-03-05 00:00"))
+
+
+def test_a_saved_model_names_no_machine_path(forecaster):
+    import json
+
+    config = json.loads(forecaster[0].metadata.metadata["timevlm_config"])
+    assert config["data"]["dataset"] == "ETTh1" and config["model"]["seq_len"] == SEQ
+    assert not {"data_dir", "cache_dir", "device", "num_threads"} & {k for sec in config.values() for k in sec}
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -59,9 +82,11 @@ def test_a_batch_one_window_float64_and_a_dataframe_give_the_same_forecasts(fore
     (np.zeros((SEQ, 6)), "got shape [48, 6] float64"),
     (np.zeros(SEQ * 7), "got shape [336] float64"),
     (np.array([["a"] * 7] * SEQ), "got ndarray of <U1"),
-    (pd.DataFrame(np.zeros((SEQ, 7)), columns=list("abcdefg")), "missing columns ['HUFL', 'HULL', 'MUFL', 'MULL']"),
+    (pd.DataFrame(np.zeros((SEQ, 7)), columns=list("abcdefg")), "got a DataFrame with no column HUFL, HULL, MUFL, "
+                                                                "MULL, ..."),
     (pd.DataFrame(np.zeros((SEQ + 1, 7)), columns=["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]),
      "got a DataFrame with 49 rows"),
+    (np.zeros((0, SEQ, 7), np.float32), "got an empty batch (0 windows)"),
 ])
 def test_anything_else_gets_a_short_error_naming_expected_and_received(forecaster, bad, says):
     model = forecaster[0]
@@ -69,4 +94,14 @@ def test_anything_else_gets_a_short_error_naming_expected_and_received(forecaste
         model.predict(bad)
     msg = str(e.value)
     assert says in msg and f"expected [batch, {SEQ}, 7] or [{SEQ}, 7]" in msg
-    assert len(msg) < 300, msg  # no dump of the input
+    assert len(msg) < 330 and "\n" not in msg, msg  # one line, no dump of the input
+    assert "the channel columns HUFL, HULL, MUFL, MULL, ... (7 in all)" in msg and "'...'" not in msg
+
+
+def test_a_missing_value_is_refused_not_turned_into_nan_forecasts(forecaster):
+    model, raw, _ = forecaster
+    x = raw.astype(np.float64)
+    x[2, 10, 6] = np.nan
+    with pytest.raises(Exception, match=r"1 missing or infinite value\(s\), the first in window 2 at step 10, "
+                                        r"channel OT"):
+        model.predict(x)

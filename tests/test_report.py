@@ -49,19 +49,85 @@ def test_sensitivity_report_with_seeds(tmp_path):
     assert {"report/report.md", "report/results.csv", "report/sensitivity_norm_const.png"} <= logged
 
 
-def test_optuna_report_has_importances(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    rows = [({"data.dataset": "ETTh1", "model.pred_len": 96, "searched.model.d_model": dm,
-              "searched.model.norm_const": nc},
-             {"best_val_mse": 0.3 + 0.001 * dm + 0.01 * nc, "test_mse": 0.4, "test_mae": 0.4})
-            for dm in (32, 64, 128) for nc in (0.1, 0.4)]
-    _study_runs(uri, "j", rows)
+def _optuna_study(storage, name, rows):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(study_name=name, storage=storage)
+    dists = {"model.d_model": CategoricalDistribution([32, 64, 128]), "model.norm_const": CategoricalDistribution(
+        [0.1, 0.4])}
+    for params, value in rows:
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study
+
+
+@pytest.mark.parametrize("repeats", [1, 4])
+def test_optuna_report_importances_are_the_dashboards_with_a_caveat_below_the_minimum(tmp_path, repeats):
+    """One source: Optuna's own study, PED-ANOVA (what optuna-dashboard computes), not a second estimate from the
+    MLflow runs; with 6 trials the report says they cannot carry importances, with 24 it plots them."""
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    uri, storage = f"sqlite:///{tmp_path / 'm.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    grid = [(dm, nc) for dm in (32, 64, 128) for nc in (0.1, 0.4)] * repeats
+    values = [0.3 + 0.001 * dm + 0.01 * nc + 0.0001 * i for i, (dm, nc) in enumerate(grid)]
+    _study_runs(uri, "j", [({"data.dataset": "ETTh1", "model.pred_len": 96, "searched.model.d_model": dm,
+                             "searched.model.norm_const": nc}, {"best_val_mse": v, "test_mse": 0.4, "test_mae": 0.4})
+                           for (dm, nc), v in zip(grid, values)])
+    study = _optuna_study(storage, "timevlm-j/j-ETTh1-96", [({"model.d_model": dm, "model.norm_const": nc}, v)
+                                                            for (dm, nc), v in zip(grid, values)])
     spec = parse_study({"name": "j", "search": {"model.d_model": {"type": "choice", "values": [32, 64, 128]},
                                                 "model.norm_const": {"type": "choice", "values": [0.1, 0.4]}}})
+    dest = write_report(spec, uri, str(tmp_path / "r"), optuna_storage=storage)
+    md = (dest / "report.md").read_text()
+    assert "Best configurations" in md and "Parameter importances, ETTh1-96" in md
+    want = optuna.importance.get_param_importances(study, target=lambda t: t.values[0],
+                                                   evaluator=PedAnovaImportanceEvaluator())
+    for name, value in want.items():
+        assert f"| {name} " in md and f"{value:.3f}" in md
+    few = len(grid) < 20
+    assert ("too few for importances to mean anything" in md) == few
+    assert (dest / "importances_ETTh1-96.png").exists() == (not few)
+
+
+def test_selection_gap_sets_the_test_choice_beside_the_validation_choice():
+    """Configurations are seed means; a trial without a test figure (stopped) is neither choice; cells apart."""
+    from timevlm_platform.selection import selection_gap
+
+    rows = [("ETTh1", 96, 32, 1, 0.50, 0.42), ("ETTh1", 96, 32, 2, 0.52, 0.44),  # val-best: test 0.43
+            ("ETTh1", 96, 64, 1, 0.60, 0.40), ("ETTh1", 96, 64, 2, 0.62, 0.40),  # test-best: 0.40
+            ("ETTh1", 96, 128, 1, 0.10, None),                                   # stopped: lowest val, no test
+            ("ETTh1", 720, 32, 1, 0.90, 0.70), ("ETTh1", 720, 64, 1, 0.95, 0.75)]  # val and test agree
+    df = pd.DataFrame(rows, columns=["dataset", "horizon", "d_model", "seed", "best_val_mse", "test_mse"])
+    gap = selection_gap(df, ["d_model"]).set_index("horizon")
+    assert gap.loc[96, "val_selected"] == "d_model=32" and gap.loc[96, "test_selected"] == "d_model=64"
+    assert gap.loc[96, "val_selected_test_mse"] == pytest.approx(0.43)
+    assert gap.loc[96, "selection_gap_pct"] == pytest.approx(7.5) and gap.loc[96, "configs"] == 2
+    assert gap.loc[720, "selection_gap_pct"] == 0.0
+
+
+def test_report_prints_the_selection_gap_as_a_diagnostic(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    rows = [({"data.dataset": "ETTh1", "model.pred_len": 96, "model.model": "timevlm", "searched.model.d_model": dm},
+             {"best_val_mse": val, "test_mse": test, "test_mae": test})
+            for dm, val, test in ((32, 0.5, 0.44), (64, 0.6, 0.40))]
+    rows.append(({"data.dataset": "ETTh1", "model.pred_len": 96, "model.model": "timevlm",  # stopped by ASHA
+                  "searched.model.d_model": 16}, {"best_val_mse": 0.9}))
+    _study_runs(uri, "g", rows)
+    spec = parse_study({"name": "g", "search": {"model.d_model": {"type": "grid", "values": [16, 32, 64]}},
+                        "searcher": "grid"})
     dest = write_report(spec, uri, str(tmp_path / "r"))
     md = (dest / "report.md").read_text()
-    assert "Best configurations" in md and "Parameter importances" in md
-    assert (dest / "importances.png").exists()
+    assert "## Selection gap (diagnostic, not a result)" in md and "+10.0" in md
+    # the stopped trial has its row (validation only); one seed: no empty std columns; no paper column, no
+    # paragraph about paper columns
+    res = pd.read_csv(dest / "results.csv").set_index("model.d_model")
+    assert res.loc[16, "stopped"] == 1 and res.loc[16, "val_mse"] == 0.9 and pd.isna(res.loc[16, "test_mse"])
+    assert "1 of them stopped early by the scheduler" in md
+    assert "_std" not in md and "paper_" not in md and "one run per configuration" in md
+    gap = pd.read_csv(dest / "selection_gap.csv")
+    assert gap.loc[0, "val_selected_test_mse"] == pytest.approx(0.44)
+    assert gap.loc[0, "test_selected_test_mse"] == pytest.approx(0.40)
 
 
 def test_report_of_a_study_that_never_ran(tmp_path):

@@ -105,6 +105,9 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
         assert c.data.tags[tracking.MODEL_URI_TAG].startswith("models:/")
         hist = client.get_metric_history(c.info.run_id, "val_mse")
         assert [m.step for m in hist] == [1, 2]  # one point per epoch
+        # the running best: one curve, steps 1..N, never a summary point at step 0 drawing a V
+        best_hist = client.get_metric_history(c.info.run_id, "best_val_mse")
+        assert [m.step for m in best_hist] == [1, 2] and best_hist[1].value <= best_hist[0].value
         assert len(client.get_metric_history(c.info.run_id, "train_loss")) == 2
         assert {"test_mse", "test_mae", "system/params_total", "system/seconds"} <= set(c.data.metrics)
         assert {a.path for a in client.list_artifacts(c.info.run_id)} == {"plots"}
@@ -118,6 +121,12 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
     for k in ("best_val_mse", "test_mse", "test_mae"):
         assert parents[0].data.metrics[f"study/{k}"] == pytest.approx(best[0].data.metrics[k])
         assert k not in parents[0].data.metrics
+    # the selection gap is a labelled diagnostic beside the validation choice, which alone made `@best` above
+    test_choice = min(c.data.metrics["test_mse"] for c in children)
+    assert parents[0].data.metrics["diagnostic/test_selected_test_mse"] == pytest.approx(test_choice)
+    assert parents[0].data.metrics["diagnostic/selection_gap_pct"] == pytest.approx(
+        100 * (best[0].data.metrics["test_mse"] - test_choice) / test_choice)
+    assert "selection_gap.csv" in {a.path for a in client.list_artifacts(out["parent_run_id"])}
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # Optuna really sampled, and no configuration was handed out twice
     assert len({c.data.tags[tracking.SEARCHED_TAG] for c in children}) == 2
@@ -125,6 +134,10 @@ def test_tiny_study_logs_every_trial_to_mlflow(tiny_study):
     study = optuna.load_study(study_name="timevlm-e2e/e2e-ETTh1-24", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 2
     assert study.best_value == pytest.approx(best[0].data.metrics["best_val_mse"])
+    # what optuna-dashboard shows: the objective by name, one point per epoch, and the link to each MLflow run
+    assert study.metric_names == ["best_val_mse"]
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)
 
     # the best trial's model is registered; loaded as a pyfunc it forecasts raw test windows, and its error
     # on every test window is the trial's logged test MSE
@@ -366,3 +379,10 @@ def test_trials_after_an_asha_stop_run_to_their_end(local_ray, tmp_path, shared_
     assert len(kids) == 4 and all(s == "FINISHED" for s, _, _ in states.values()), f"{states}\n{table}"
     # each trial Tune reports STOPPED, and only those, is named stopped in MLflow
     assert sum(o is not None for _, _, o in states.values()) == (table["status"] == "STOPPED").sum(), states
+    # ... and is PRUNED in Optuna (Ray's own searcher tells it COMPLETE), with no point past its last epoch
+    study = optuna.load_study(study_name="timevlm-e2e-asha/e2e-asha-ETTh1-24",
+                              storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_state = {st: sum(t.state == st for t in study.trials) for st in optuna.trial.TrialState}
+    assert by_state[optuna.trial.TrialState.PRUNED] == (table["status"] == "STOPPED").sum()
+    assert by_state[optuna.trial.TrialState.COMPLETE] == (table["status"] == "DONE").sum()
+    assert all(max(t.intermediate_values) <= 3 for t in study.trials if t.intermediate_values)

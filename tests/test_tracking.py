@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pandas as pd
 
 from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
 from timevlm_platform.console import trial_line
 from timevlm_platform.spool import DurableRun
-from timevlm_platform.study_results import close_stopped, fail_trial
+from timevlm_platform.study_results import close_stopped, fail_trial, trial_busy_seconds, utilisation
 
 
 def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
@@ -25,10 +28,13 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     tracking.finish(c, torn_down, False, reason="TrainingFailedError: the controller was stopped")
     tracking.finish(c, done, True)
     study = DurableRun(c, parent, tmp_path / "spool", count_delays=False)
+    last_report = c.get_metric_history(stopped, "epoch")[-1].timestamp
+    time.sleep(0.05)
     close_stopped(study, exp, {"t0", "t2"})
     assert not study.pending()
     run = c.get_run(stopped)
     assert run.info.status == "FINISHED"  # not FAILED, not KILLED: early stopping is a normal outcome
+    assert run.info.end_time == last_report  # it ended at its last report, not when the study closed it
     assert run.info.run_name == "ETTh1-96 d_model=64 #00000 [stopped by ASHA at epoch 2]"
     assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 2"
     run = c.get_run(torn_down)  # Tune's verdict (STOPPED) wins over the teardown's error
@@ -155,3 +161,19 @@ def test_two_trials_logging_one_dataset_at_once_is_a_race_retried_not_a_refusal(
     run.log_inputs([{"dataset": data, "context": "val"}])
     assert len(calls) == 2 and not run.pending()
     assert [d.dataset.name for d in c.get_run(run_id).inputs.dataset_inputs] == ["ETTh1-val"]
+
+
+def test_utilisation_counts_only_the_trial_phase(tmp_path):
+    """Busy slot-seconds are each run's start to end cut to the trial phase, so two slots over 100 s read at
+    most 1.0 however late the study closes a run (it read 1.04 when a stopped run's end was the study's)."""
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = c.create_experiment("timevlm-busy")
+    parent = tracking.parent_run(c, exp, "busy", False, {})
+    since, until = 1_000.0, 1_100.0  # the trial phase, in seconds
+    spans = [(990, 1_050), (1_000, 1_100), (1_050, 1_130)]  # earlier start, full, closed after the phase ended
+    for i, (start, end) in enumerate(spans):
+        run = c.create_run(exp, start_time=int(start * 1000), tags={tracking.PARENT_TAG: parent}).info.run_id
+        c.set_terminated(run, end_time=int(end * 1000))
+    busy = trial_busy_seconds(c, exp, parent, since, pd.DataFrame(), until=until)
+    assert busy == 50 + 100 + 50
+    assert utilisation(busy, 2, until - since) == 1.0

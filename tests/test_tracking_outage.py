@@ -204,3 +204,35 @@ def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
             assert len(client.search_runs([bob_exp])) == 2
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
+
+
+@pytest.mark.slow
+def test_two_local_studies_at_once_each_on_its_own_ray(tmp_path, shared_cache):
+    """Two `python tune.py` on one machine, each with its own local Ray (no --address), at the same time: Train
+    V2's State API polls once found both clusters and failed a trial with "Found multiple active Ray instances".
+    Both finish, every trial FINISHED, and neither cluster is the other's."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the one local store both would share by default
+
+    def tune(name):
+        study = _tiny_study(tmp_path / f"{name}.yaml", name, 0.4 if name == "carol" else 1.0)
+        return subprocess.Popen([sys.executable, "tune.py", "--study", str(study), "--tracking-uri", uri,
+                                 "--cache-dir", shared_cache, "--storage-path", str(tmp_path / "ray")], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    procs = {name: tune(name) for name in ("carol", "dave")}
+    outs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    client = MlflowClient(uri)
+    for name, p in procs.items():
+        assert p.returncode == 0, outs[name][-3000:]
+        assert "multiple active Ray instances" not in outs[name], outs[name][-3000:]
+        exp = client.get_experiment_by_name(f"timevlm-{name}")
+        kids = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
+        assert len(kids) == 1 and kids[0].info.status == "FINISHED"
+    nodes = {name: {r.data.tags.get("ray_node_id") for r in client.search_runs(
+        [client.get_experiment_by_name(f"timevlm-{name}").experiment_id]) if r.data.tags.get("ray_node_id")}
+        for name in procs}
+    assert nodes["carol"] and nodes["dave"] and not nodes["carol"] & nodes["dave"]  # two clusters, not one

@@ -102,3 +102,13 @@ def test_custom_vision_encoder_folds_batchnorm_and_padding_without_changing_feat
     with torch.inference_mode():
         torch.testing.assert_close(adapter.vision.extract_features(x.contiguous(memory_format=torch.channels_last)),
                                    reference.extract_features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_loading_the_custom_vlm_draws_no_progress_bar_and_leaves_the_setting_alone(capfd):
+    """transformers drew "Loading weights 103/103" at every load (each trial, each pyfunc load)."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    vlm = load_vlm(ModelConfig(vlm="custom"))
+    assert vlm.text is not None and "Loading weights" not in "".join(capfd.readouterr())
+    assert hf_logging.is_progress_bar_enabled()  # a user's own loads still show theirs

@@ -271,6 +271,12 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def portable_dict(self) -> dict[str, Any]:
+        """to_dict() without the ENV settings (this machine's paths, device, threads): what a saved model
+        carries, so that it names no machine and loads anywhere with that machine's own defaults."""
+        return {sec: {f.name: getattr(getattr(self, sec), f.name) for f in dataclasses.fields(getattr(self, sec))
+                      if not f.metadata.get("env")} for sec in ("model", "data", "train")}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
         return cls(

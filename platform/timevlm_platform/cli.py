@@ -71,7 +71,7 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from timevlm_platform.report import write_report
 
-        write_report(spec, args.tracking_uri, args.out, args.experiment)
+        write_report(spec, args.tracking_uri, args.out, args.experiment, args.optuna_storage)
         return 0
 
     from timevlm_platform.runner import RunOptions, run_study

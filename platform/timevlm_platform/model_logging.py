@@ -63,13 +63,14 @@ def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path
             "dataset": p.cfg.data.dataset, "seq_len": p.cfg.model.seq_len, "pred_len": p.cfg.model.pred_len,
             "n_vars": p.cfg.model.n_vars, "model": p.cfg.model.model, "vlm": p.cfg.model.vlm,
             "feature_cache_keys": json.dumps(p.cache_info.get("cache_keys", [])),
-            "timevlm_config": json.dumps(p.cfg.to_dict(), default=str)}
+            "timevlm_config": json.dumps(p.cfg.portable_dict(), default=str)}  # no machine paths, as the params
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "weights.pt")
-        (d / "experiment.json").write_text(json.dumps(p.cfg.to_dict(), indent=1, default=str))
-        (d / "scaler.json").write_text(json.dumps({"mean": test.scaler.mean.tolist(),
-                                                   "std": test.scaler.std.tolist(), "channels": channels}))
+        (d / "experiment.json").write_text(json.dumps(p.cfg.portable_dict(), indent=1, default=str))
+        freq = get_dataset(p.cfg.data.test_dataset or p.cfg.data.dataset).freq
+        (d / "scaler.json").write_text(json.dumps({"mean": test.scaler.mean.tolist(), "std": test.scaler.std.tolist(),
+                                                   "channels": channels, "freq": freq}))
         mlflow.pyfunc.save_model(
             str(dest), python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(d / "weights.pt"), "experiment": str(d / "experiment.json"),
@@ -91,7 +92,11 @@ def logged_model_name(trial_name: str) -> str:
 
 
 def registered_name(study: str, cell_label: str) -> str:
-    """A registry name derived from the study and cell, e.g. `timevlm-default-ETTh1-96`."""
+    """A registry name derived from the study and cell, e.g. `timevlm-default-ETTh1-96`; a study named for its
+    dataset (`norm_const-epochs3-ETTh1`, from --datasets) does not repeat it (`timevlm-norm_const-epochs3-ETTh1-96`)."""
+    dataset, _, rest = cell_label.partition("-")
+    if rest and study.endswith(f"-{dataset}"):
+        cell_label = rest
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"timevlm-{study}-{cell_label}")
 
 

@@ -5,7 +5,8 @@ one searched parameter -> the sensitivity table and curve (metric vs value, one 
 paper's hyperparameter figure); `model.vlm` -> the variant table (parameters, s/epoch, peak memory, MSE, MAE);
 `model.model` -> models side by side; Optuna studies -> the best configurations and Optuna's parameter
 importances. Writes report.md, results.csv and PNGs under --out/NAME and logs them to the study's parent run.
-Selection is by validation; test metrics are reported.
+Selection is by validation; test metrics are reported. A "selection gap" section sets beside it what choosing
+by test MSE (the official search script's way) would have reported on the same trials: a labelled diagnostic.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from timevlm.errors import ConfigError  # noqa: E402
 from timevlm_platform import tracking  # noqa: E402
 from timevlm_platform.paper import beside_paper, published  # noqa: E402
+from timevlm_platform.selection import LABEL, selection_gap, summary_line  # noqa: E402
 from timevlm_platform.spool import DurableRun  # noqa: E402
 from timevlm_platform.study import VARIANT_KEY, StudySpec  # noqa: E402
 
@@ -86,11 +88,14 @@ def _num(v: str):
 
 
 def summarize(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    done = df[(df["status"] == "FINISHED") & df["test_mse"].notna()]
+    """One row per configuration over its finished runs (seeds pooled). A trial its scheduler stopped early is
+    finished without test figures: it counts in `n` and `stopped` and its validation figure in `val_mse`."""
+    done = df[df["status"] == "FINISHED"]
     by = ["dataset", "test_dataset", "percent", "horizon", *keys] + (["seq_len"] if "model.seq_len" not in keys else []) \
         + (["model"] if "model.model" not in keys else [])  # variants may name the model (e.g. a baseline)
-    agg = done.groupby(by, dropna=False).agg(
-        n=("test_mse", "size"), val_mse=("best_val_mse", "mean"), test_mse=("test_mse", "mean"),
+    agg = done.assign(stopped=done["test_mse"].isna()).groupby(by, dropna=False).agg(
+        n=("test_mse", "size"), stopped=("stopped", "sum"), val_mse=("best_val_mse", "mean"),
+        test_mse=("test_mse", "mean"),
         test_mse_std=("test_mse", "std"), test_mae=("test_mae", "mean"), test_mae_std=("test_mae", "std"),
         params=("params_total", "mean"), s_per_epoch=("seconds", "mean"), s_per_iter=("s_per_iter", "mean"),
         peak_mem_mb=("peak_mem_mb", "max"),
@@ -118,18 +123,30 @@ def sensitivity_plot(summary: pd.DataFrame, key: str, path: Path) -> Path:
     return path
 
 
-def importances(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """Optuna's fANOVA-free default (mean decrease impurity) importances of the searched parameters."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
+MIN_TRIALS_FOR_IMPORTANCE = 20  # below this many finished trials per cell, importances are noise, not a finding
 
-    done = df[df["best_val_mse"].notna()]
-    study = optuna.create_study(direction="minimize")
-    dists = {k: CategoricalDistribution(sorted(done[k].dropna().unique().tolist(), key=str)) for k in keys}
-    for _, r in done.iterrows():
-        study.add_trial(optuna.trial.create_trial(params={k: r[k] for k in keys}, distributions=dists,
-                                                  value=float(r["best_val_mse"])))
-    return pd.Series(optuna.importance.get_param_importances(study)).rename("importance")
+
+def importances(storage: str, study_name: str) -> tuple[pd.Series, int] | None:
+    """The searched parameters' importances from Optuna's own record of the study (`storage`, `study_name`), with
+    the evaluator optuna-dashboard uses (PED-ANOVA on the COMPLETE trials), so the report and the dashboard show
+    one figure; and how many trials it rests on. None when Optuna kept no such study or fewer than 2 trials."""
+    import warnings
+
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+    n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    if n < 2:
+        return None
+    with warnings.catch_warnings():  # Optuna warns whenever a target is given to PED-ANOVA
+        warnings.simplefilter("ignore")
+        imp = optuna.importance.get_param_importances(study, target=lambda t: t.values[0],
+                                                      evaluator=PedAnovaImportanceEvaluator())
+    return pd.Series(imp, dtype=float).rename("importance"), n
 
 
 def ablation_table(summary: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -191,7 +208,8 @@ def _with_paper(table: pd.DataFrame, spec: StudySpec, model: str) -> pd.DataFram
 
 
 _COLUMN_FORMAT = {"params": ",.0f", "peak_mem_mb": ".0f", "s_per_epoch": ".1f", "s_per_iter": ".3f", "n": ".0f",
-                  "mse_change_pct": "+.1f", "mae_change_pct": "+.1f", "paper_params_m": ".1f",
+                  "stopped": ".0f",
+                  "mse_change_pct": "+.1f", "mae_change_pct": "+.1f", "selection_gap_pct": "+.1f", "configs": ".0f", "paper_params_m": ".1f",
                   "paper_mem_mib": ".0f", "paper_s_per_iter": ".2f"}
 
 
@@ -203,13 +221,18 @@ def _markdown(df: pd.DataFrame) -> str:
                              missingval="")
 
 
-def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None) -> Path:
-    from timevlm_platform.settings import platform_home
+def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment: str | None = None,
+                 optuna_storage: str | None = None) -> Path:
+    from timevlm_platform.settings import resolve_paths
 
-    uri = tracking_uri or tracking.default_tracking_uri(platform_home())
+    paths = resolve_paths(tracking_uri=tracking_uri, optuna_storage=optuna_storage)
+    uri, optuna_storage = paths.tracking_uri, paths.optuna_storage
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
-    parent, df = collect(client, experiment or f"timevlm-{spec.name}", spec.name)
+    exp_name = experiment or f"timevlm-{spec.name}"
+    # where the study's Optuna searchers (one per cell) kept their trials
+    optuna_studies = {cells[0].label: f"{exp_name}/{run_name}" for run_name, cells in spec.tuner_groups()}
+    parent, df = collect(client, exp_name, spec.name)
     if df.empty:
         raise ConfigError(f"study {spec.name!r} has no trial runs yet")
     keys = [k for k in spec.searched_keys if k != "train.seed" and k in df.columns]
@@ -218,16 +241,29 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     dest.mkdir(parents=True, exist_ok=True)
     df.to_csv(dest / "trials.csv", index=False)
     summary.to_csv(dest / "results.csv", index=False)
-    lines = [f"# Study `{spec.name}`", "", spec.description, "",
-             f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished); test metrics on the scaled "
-             "data, mean +- std over seeds (n); configurations selected on validation. `paper_*`: the published "
-             "figure where one matches (protocol, dataset, source set, training percent, horizon, model, variant, VLM), at the paper's own settings "
-             "(Time-VLM: seq_len 512, CLIP), and `delta_*_pct` ours against it.", ""]
-    cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "model", "seq_len", "n", "val_mse", "test_mse", "test_mse_std", "test_mae", "test_mae_std",
-            "smape", "mase", "owa", "params", "s_per_epoch", "s_per_iter", "peak_mem_mb"]
+    cols = ["dataset", "test_dataset", "percent", "horizon", *keys, "model", "seq_len", "n", "stopped", "val_mse",
+            "test_mse", "test_mse_std", "test_mae", "test_mae_std", "smape", "mase", "owa", "params", "s_per_epoch",
+            "s_per_iter", "peak_mem_mb"]
     model = str(df["model"].dropna().iloc[0]) if df["model"].notna().any() else "timevlm"
-    cols = [c for c in cols if c in summary and not (c == "test_dataset" and summary[c].isna().all())]
-    lines += [_markdown(_with_paper(summary[cols], spec, model)), ""]
+    # columns that would be empty are left out: the zero-shot target, standard deviations with one seed per
+    # configuration, `stopped` when the scheduler stopped none
+    empty = {c for c in ("test_dataset", "test_mse_std", "test_mae_std") if c in summary and summary[c].isna().all()}
+    empty |= {"stopped"} if "stopped" in summary and not summary["stopped"].any() else set()
+    cols = [c for c in cols if c in summary and c not in empty]
+    main = _with_paper(summary[cols], spec, model)
+    paper = any(str(c).startswith("paper_") for c in main.columns)
+    stopped = int(summary["stopped"].sum()) if "stopped" in summary else 0
+    lines = [f"# Study `{spec.name}`", "", spec.description, "",
+             f"{len(df)} trial runs ({(df['status'] == 'FINISHED').sum()} finished"
+             + (f", {stopped} of them stopped early by the scheduler: in `n` and `val_mse`, without test figures"
+                if stopped else "")
+             + "); test metrics on the scaled data, "
+             + ("mean +- std over seeds (n)" if "test_mse_std" in cols else "one run per configuration")
+             + "; configurations selected on validation."
+             + (" `paper_*`: the published figure where one matches (protocol, dataset, source set, training "
+                "percent, horizon, model, variant, VLM), at the paper's own settings (Time-VLM: seq_len 512, CLIP), "
+                "and `delta_*_pct` ours against it." if paper else ""), "",
+             _markdown(main), ""]
     if len(summary["horizon"].unique()) > 1:
         by = [c for c in ("dataset", "test_dataset", "percent") if c in cols] + keys + [c for c in ("model",) if c in cols] + (
             ["seq_len"] if "seq_len" in summary else [])  # averages match at their length
@@ -236,6 +272,16 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
         avg = summary.groupby(by, dropna=False)[averaged].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
                   ""]
+    gap = selection_gap(summary, keys + [c for c in ("model", "seq_len") if c in summary and c not in keys],
+                        val="val_mse")
+    if not gap.empty and gap["configs"].max() > 1:
+        gap.to_csv(dest / "selection_gap.csv", index=False)
+        lines += ["## Selection gap (diagnostic, not a result)", "",
+                  "Every figure above is the validation choice. The official search script picks each setting's "
+                  "configuration by *test* MSE (one seed), and the paper reports that choice; here both choices on "
+                  "the same trials, and how far the validation choice's test MSE lies above the test choice's "
+                  f"(`selection_gap_pct`). {LABEL}: never used for `@best` or the registry.", "",
+                  _markdown(gap), "", summary_line(gap), ""]
     skipped = json.loads(client.get_run(parent).data.tags.get(tracking.SKIPPED_TAG, "{}"))
     if skipped:
         lines += ["## Not run here", "", "In the study, but their weights were not where it ran, so they have no "
@@ -256,19 +302,29 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
         best = df[df["best_val_mse"].notna()].sort_values("best_val_mse").head(5)
         lines += ["## Best configurations (by validation)", "",
                   _markdown(best[["dataset", "horizon", *keys, *METRICS]]), ""]
-        if len(best) >= 2:
-            imp = importances(df, keys)
-            lines += ["## Parameter importances (Optuna)", "", imp.to_frame().to_markdown(floatfmt=".3f"), ""]
-            fig, ax = plt.subplots(figsize=(5, 2.8))
-            imp.sort_values().plot.barh(ax=ax)
-            ax.set_xlabel("importance for validation MSE")
-            fig.tight_layout()
-            figures.append(dest / "importances.png")
-            fig.savefig(figures[-1], dpi=110)
-            plt.close(fig)
-            lines += [f"![importances]({figures[-1].name})", ""]
+        for label, name in optuna_studies.items():
+            found = importances(optuna_storage, name)
+            if found is None:
+                continue
+            imp, n = found
+            caveat = (f" **{n} finished trials: fewer than {MIN_TRIALS_FOR_IMPORTANCE}, too few for importances to "
+                      f"mean anything; shown only so the numbers are not a surprise.**"
+                      if n < MIN_TRIALS_FOR_IMPORTANCE else f" From {n} finished trials.")
+            lines += [f"## Parameter importances, {label} (Optuna, PED-ANOVA: what optuna-dashboard shows)", "",
+                      f"Importance for validation `{spec.metric}`, read from Optuna's study `{name}`.{caveat}", "",
+                      imp.to_frame().to_markdown(floatfmt=".3f"), ""]
+            if n >= MIN_TRIALS_FOR_IMPORTANCE:
+                fig, ax = plt.subplots(figsize=(5, 2.8))
+                imp.sort_values().plot.barh(ax=ax)
+                ax.set_xlabel(f"importance for validation {spec.metric}")
+                fig.tight_layout()
+                figures.append(dest / f"importances_{label}.png")
+                fig.savefig(figures[-1], dpi=110)
+                plt.close(fig)
+                lines += [f"![importances]({figures[-1].name})", ""]
     (dest / "report.md").write_text("\n".join(lines))
-    tables = [dest / n for n in ("report.md", "results.csv", "trials.csv", "ablation.csv") if (dest / n).exists()]
+    tables = [dest / n for n in ("report.md", "results.csv", "trials.csv", "ablation.csv", "selection_gap.csv")
+              if (dest / n).exists()]
     run = DurableRun(client, parent, None, count_delays=False)
     for f in [*tables, *figures]:
         run.log_artifact(f, "report")

@@ -142,8 +142,10 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     study_results.close_stopped(study, experiment_id, stopped, spec.scheduler.type.upper())
     cells = {label: cell for ctx, _ in groups for label, cell in ctx.cells.items()}
     bests, registered = study_results.record_bests(study, paths.tracking_uri, experiment_id, spec, cells, table)
+    study_results.log_selection_gap(study, spec, table)
     wall = time.perf_counter() - t_start
-    busy = study_results.trial_busy_seconds(client, experiment_id, parent, t_trials, table)
+    busy = study_results.trial_busy_seconds(client, experiment_id, parent, t_trials, table,
+                                            until=t_trials + trials_wall)
     usage = {"cluster_utilisation": study_results.utilisation(busy, concurrency, trials_wall),
              "trial_slots": concurrency, "trial_seconds_sum": busy, "trials_wall_seconds": trials_wall,
              "study_wall_seconds": wall}
@@ -189,15 +191,33 @@ def _start_ray(opts: RunOptions) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_worker()  # before Ray starts: a local cluster's workers inherit these settings
     if not ray.is_initialized():
-        # The local Ray starts with its dashboard: it serves the State API that Train V2's PlacementGroupCleaner
-        # polls every second to see whether a trial's controller is alive. Without it every poll fails and
-        # logs "Failed to query Ray Train Controller actor state" (about 100 lines per study), and a dead
-        # controller's placement group would not be cleaned up.
         # Ray's own INFO lines (Train controllers announcing each worker group, Data's executor plans) come
         # from every worker process; WARNING keeps what needs a person's attention.
-        ray.init(address=opts.address, include_dashboard=True if opts.address is None else None,
-                 log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+        logging_config = ray.LoggingConfig(log_level="WARNING")
+        if opts.address is None and not os.environ.get("RAY_ADDRESS"):
+            ray.init(**_own_local_cluster(), log_to_driver=True, logging_config=logging_config)
+        else:  # a cluster joined deliberately: --address, or the job's RAY_ADDRESS under `ray job submit`
+            ray.init(address=opts.address, log_to_driver=True, logging_config=logging_config)
     quiet_driver(opts.verbose)
+
+
+def _own_local_cluster() -> dict[str, Any]:
+    """ray.init's arguments for a study's own local Ray, apart from any other on the machine (another study's,
+    a `ray start` one: two studies at once must not meet).
+
+    It starts with its dashboard, which serves the State API that Train V2's PlacementGroupCleaner polls every
+    second to see whether a trial's controller is alive (without it every poll fails and logs "Failed to query
+    Ray Train Controller actor state", and a dead controller's placement group is not cleaned up). Those polls
+    find the State API by looking for a Ray on the machine; with two there they fail with "Found multiple active
+    Ray instances" and the trial with them. So the dashboard gets a port chosen here, and RAY_API_SERVER_ADDRESS
+    names it before Ray starts: every process of this cluster inherits it and asks its own dashboard."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _prebuild(spec: StudySpec, opts: RunOptions, paths: StudyPaths, study: spool.DurableRun):

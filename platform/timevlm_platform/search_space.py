@@ -37,15 +37,48 @@ def param_space(spec: StudySpec) -> dict[str, Any]:
 
 
 class DistinctOptunaSearch(OptunaSearch):
-    """OptunaSearch that does not hand out a configuration it already handed out.
+    """OptunaSearch that does not hand out a configuration it already handed out, and that records trials in
+    Optuna as they went (what optuna-dashboard shows).
 
     The paper's search spaces are small and discrete, where TPE (random during start-up) repeats itself
     often: three draws from 12 configurations repeat one about a quarter of the time. A repeat is told to
     Optuna as a failed trial (TPE ignores those) and Optuna is asked again; only once the space is used up
     is a repeat allowed. `_handed_out` is pickled with the searcher, so it survives Tuner.restore.
+
+    Recorded in Optuna: the objective under the study's metric name (not "Objective 0"); one intermediate value
+    per epoch at that epoch (Ray's OptunaSearch reports at Tune's iteration count, one past the last epoch for
+    the final report with the test metrics); a trial the scheduler stopped as PRUNED (Ray tells it COMPLETE:
+    only a finished trial's final report carries `test_mse`); each trial's MLflow run id as a user attribute.
     """
 
     max_redraws = 100
+    FINAL_KEY = "test_mse"  # in a trial's final report only
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        if isinstance(self.metric, str) and self._ot_study.metric_names is None:
+            self._ot_study.set_metric_names([self.metric])
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        if result.get("mlflow_run_id"):
+            ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+        if self.FINAL_KEY in result or self.metric not in result or "epoch" not in result:
+            return
+        ot_trial.report(result[self.metric], int(result["epoch"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and not error and self.FINAL_KEY not in result \
+                and trial_id not in self._completed_trials:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)  # stopped by the scheduler
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
     def suggest(self, trial_id: str):
         import optuna
@@ -67,8 +100,11 @@ def optuna_storage(url: str):
     """An Optuna RDB storage; SQLite gets a lock timeout, since the Tuners of a study's cells write to one file."""
     import optuna
 
+    from timevlm_platform.tracking import first_use_lock
+
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    with first_use_lock(url):  # its first client creates the tables: two studies at once must not race there
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 def searcher(spec: StudySpec, storage: str | None = None, study_name: str | None = None) -> Searcher | None:

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from timevlm_platform import model_logging, spool, tracking
+from timevlm_platform import model_logging, selection, spool, tracking
 from timevlm_platform.console import PREFIX
 from timevlm_platform.spool import DurableRun
 from timevlm_platform.study import CELL_KEY, Cell, StudySpec
@@ -49,17 +49,20 @@ def utilisation(trial_seconds: float, slots: int, wall: float) -> float:
 
 
 def trial_busy_seconds(client: MlflowClient, experiment_id: str, parent_id: str, since: float,
-                       table: pd.DataFrame) -> float:
+                       table: pd.DataFrame, until: float | None = None) -> float:
     """How long trials held their slots in this invocation: each trial run's start to end in MLflow (the driver
     opens it first and closes it last, so Train's worker start and shutdown count; Tune's time_total_s stops
-    at the last report). Runs finished before `since` (an earlier, resumed invocation) are not counted. With
-    the server away, Tune's own times (the table's `seconds`)."""
+    at the last report), cut to the trial phase [`since`, `until`]: runs finished before `since` (an earlier,
+    resumed invocation) are not counted, and a run closed after `until` (a stopped trial the study closes at its
+    end) counts only up to it, so the slots can never read busier than the wall time allows. With the server
+    away, Tune's own times (the table's `seconds`)."""
     try:
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
                                   max_results=10000)
     except Exception:  # noqa: BLE001 - a figure about the study, not a result: the lower bound will do
         return float(table["seconds"].sum()) if "seconds" in table else 0.0
-    return sum((r.info.end_time - max(r.info.start_time, since * 1000)) / 1000 for r in runs
+    end = (until or float("inf")) * 1000
+    return sum(max(0.0, min(r.info.end_time, end) - max(r.info.start_time, since * 1000)) / 1000 for r in runs
                if r.info.end_time and r.info.end_time >= since * 1000)
 
 
@@ -92,7 +95,9 @@ def _close_stopped(client: MlflowClient, parent_id: str, experiment_id: str, sto
         if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
             client.delete_tag(run.info.run_id, "failure_reason")
         client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
-        tracking.finish(client, run.info.run_id, ok=True)
+        # it ended with its last report, not now (the study closes it after every trial has finished)
+        last = [m.timestamp for m in client.get_metric_history(run.info.run_id, "epoch")]
+        tracking.finish(client, run.info.run_id, ok=True, end_time=max(last) if last else None)
 
 
 def fail_trial(run: DurableRun, reason: str) -> None:
@@ -172,6 +177,23 @@ def log_study_metrics(study: DurableRun, spec, bests: dict) -> None:
     per_cell = [_metric_values(b, (spec.metric, "test_mse", "test_mae")) for b in bests.values()]
     keys = set().union(*per_cell) if per_cell else set()
     study.log_metrics({f"study/{k}": float(np.mean([m[k] for m in per_cell if k in m])) for k in keys})
+
+
+def log_selection_gap(study: DurableRun, spec: StudySpec, table: pd.DataFrame) -> pd.DataFrame:
+    """The selection gap of the study's trials (timevlm_platform.selection: a diagnostic beside the validation
+    choice, which alone decides `@best`): printed, and on the study's run as `diagnostic/*` metrics and a CSV."""
+    keys = [k.split(".", 1)[-1] for k in spec.searched_keys]
+    gap = selection.selection_gap(table, keys, val=spec.metric) if len(table) else pd.DataFrame()
+    if gap.empty:
+        return gap
+    print(f"{PREFIX} {selection.summary_line(gap)}", flush=True)
+    study.log_metrics({"diagnostic/test_selected_test_mse": float(gap["test_selected_test_mse"].mean()),
+                       "diagnostic/selection_gap_pct": float(gap["selection_gap_pct"].mean())})
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "selection_gap.csv"
+        gap.to_csv(p, index=False)
+        study.log_artifact(p)
+    return gap
 
 
 def finish_parent(study: DurableRun, table: pd.DataFrame, usage: dict[str, float]) -> None:

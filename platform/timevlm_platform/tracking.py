@@ -6,6 +6,7 @@ allowed to kill a trial. Creating a run cannot be journaled (its id is the serve
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import importlib.metadata
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -140,6 +142,14 @@ def wait_for(what: str, timeout_s: float, fn: Callable[[], T]) -> T | None:
         return None
 
 
+def first_use_lock(uri: str):
+    """A lock around the first use of an embedded SQLite store (MLflow's or Optuna's), whose first client creates
+    and migrates its tables: two studies starting at once on one machine otherwise race in the migration
+    ("Online migration expected to match one row"). Servers and other databases need none."""
+    db = sqlite_path(uri)
+    return FileLock(f"{db}.lock") if db else contextlib.nullcontext()
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail at start, not after an hour of training, if the tracking store cannot be used."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -147,7 +157,8 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     if db := sqlite_path(tracking_uri):  # an embedded store: its folder is made on first use
         db.parent.mkdir(parents=True, exist_ok=True)
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        with first_use_lock(tracking_uri):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"MLflow tracking URI {tracking_uri!r} is not usable: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}") from None

@@ -187,7 +187,9 @@ def train_worker(config: dict[str, Any]) -> None:
     last: dict[str, float] = dict(resume.history[-1].as_dict()) if resume is not None and resume.history else {}
 
     def on_epoch_end(m: EpochMetrics, state: TrainState, improved: bool) -> None:
-        metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id()}
+        # the node and the MLflow run go with every report (Optuna's trials carry the run id as a user attribute)
+        metrics = {**m.as_dict(), "node_id": ray.get_runtime_context().get_node_id(),
+                   "mlflow_run_id": config.get("run_id")}
         last.update(metrics)
         if run is not None:
             run.log_metrics({**{k: v for k, v in metrics.items() if k != "seconds"},
@@ -222,8 +224,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if run is not None:
         run.log_metrics({**test, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
                          **tracking.system({"peak_mem_mb": final["peak_mem_mb"]})})
-        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model, config,
-                            {**test, "best_val_mse": result.best_val_mse})
+        # the model carries its test figures; best_val_mse stays the run's per-epoch curve only (a summary point
+        # at step 0 would draw every chart of it as a V)
+        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model, config, test)
         if ranks is not None:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "data_parallel.json").write_text(json.dumps(ranks))

@@ -86,7 +86,18 @@ VLM_ADAPTERS: Registry[Callable[[ModelConfig], VLMAdapter]] = Registry("VLM")
 
 
 def load_vlm(cfg: ModelConfig, device: torch.device | str = "cpu") -> VLMAdapter:
-    adapter = VLM_ADAPTERS.get(cfg.vlm)(cfg)
+    """The variant's frozen encoders on `device`. transformers draws a progress bar for every weight file it
+    reads (a "Loading weights 103/103" line per load, in every trial and every pyfunc load, for a read that takes
+    milliseconds): off while loading, then back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        adapter = VLM_ADAPTERS.get(cfg.vlm)(cfg)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return adapter.freeze().to(device)
 
 
