@@ -31,3 +31,29 @@ def ett_frame(rows: int = 17420) -> pd.DataFrame:
     df = pd.DataFrame(np.random.default_rng(0).normal(size=(rows, 7)), columns=cols)
     df.insert(0, "date", pd.date_range("2016-07-01", periods=rows, freq="h").astype(str))
     return df
+
+
+@pytest.fixture(scope="session")
+def postgres_or_none():
+    """One real PostgreSQL server for the session (tests/postgres_server.py; each test makes its own databases),
+    or None where PostgreSQL or its driver is not installed (its tests then skip or use SQLite, saying so)."""
+    import postgres_server
+
+    if postgres_server.missing():
+        yield None
+        return
+    pg = postgres_server.Postgres().start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def postgres(postgres_or_none):
+    """The session's PostgreSQL server; skips, saying why, only where it cannot be installed."""
+    import postgres_server
+
+    if postgres_or_none is None:
+        pytest.skip(postgres_server.missing())
+    return postgres_or_none

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO
 from mlflow_server import free_port, mlflow_server
+from postgres_server import tracking_store
 from timevlm_platform import tracking
 from timevlm_platform.spool import DurableRun, delayed_counts
 
@@ -57,13 +58,14 @@ def test_journal_keeps_calls_in_order_while_the_server_is_away_and_sends_them_af
 
 
 @pytest.mark.slow
-def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_cache):
+def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_cache, postgres_or_none):
     """tune.py against a real server that is stopped twice: while the first trial trains (started again 15 s
     later), and after the last trial, before the study writes its outcome (started again 10 s later). Every
     trial run ends with every epoch's metrics, its test metrics, its plot and its model; no duplicate run; the
     study's run gets its summary metrics, trials.csv and best-trial tags, and the best model its registered
-    version; the study says how many calls were delayed and that none is left."""
-    backend, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
+    version; the study says how many calls were delayed and that none is left. On the production stack (PostgreSQL
+    behind `cluster/mlflow/start_local_server.sh`) where PostgreSQL is installed, else on SQLite."""
+    backend, port = None, free_port()
     log, pause = tmp_path / "server.log", tmp_path / "pause"
     pause.mkdir()
     study = {"name": "outage", "datasets": ["ETTh1"], "horizons": [24],
@@ -76,7 +78,7 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
            "TIMEVLM_FAULTS": json.dumps({"epoch_sleep_s": 3, "pause_at": {"study_end": str(pause)}})}
     env.pop("RAY_ADDRESS", None)
-    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:
+    with tracking_store(postgres_or_none, tmp_path, port=port, log=log, backend=backend) as (base, backend):
         proc = subprocess.Popen([sys.executable, "tune.py", "--study", str(tmp_path / "outage.yaml"),
                                  "--tracking-uri", base, "--storage-path", str(tmp_path / "ray"),
                                  "--cache-dir", shared_cache], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -94,7 +96,7 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
         assert proc.poll() is None, "".join(out)[-3000:]
     # the server is stopped here ...
     time.sleep(15)
-    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art"):  # ... and back
+    with tracking_store(postgres_or_none, tmp_path, port=port, log=log, backend=backend):  # ... and back
         deadline = time.time() + 600
         while not (pause / "paused").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)  # the trials are done and sent; the study is about to write its outcome
@@ -102,7 +104,8 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
     # stopped again while the study writes its outcome
     (pause / "resume").touch()
     time.sleep(10)
-    with mlflow_server(backend, log, port=port, artifacts=tmp_path / "art") as base:  # ... and back
+    # ... and back
+    with tracking_store(postgres_or_none, tmp_path, port=port, log=log, backend=backend) as (base, backend):
         assert proc.wait(timeout=600) == 0, "".join(out)[-3000:]
         reader.join(timeout=10)
         text = "".join(out)
@@ -124,7 +127,8 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
         assert parent.info.status == "FINISHED"
         assert {"study/best_val_mse", "study/test_mse", "study/test_mae", "system/cluster_utilisation"} \
             <= set(parent.data.metrics)
-        assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["trials.csv"]
+        assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == [
+            "selection_gap.csv", "trials.csv"]
         best = next(r for r in kids if r.data.tags.get(tracking.BEST_TAG) == "true")
         assert best.info.run_name.startswith("[best] ")
         assert parent.data.tags["best.ETTh1.24.run_id"] == best.info.run_id
@@ -144,22 +148,25 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
         assert model.predict(np.zeros((1, 48, 7), np.float32)).shape == (1, 24, 7)
 
 
-def _tiny_study(path, name, norm_const):
+def _tiny_study(path, name, norm_const, optuna=False):
+    """One trial at `norm_const`: on a grid, or (`optuna`) drawn by Optuna from a choice of that one value."""
     path.write_text(yaml.safe_dump({
         "name": name, "datasets": ["ETTh1"], "horizons": [24],
         "fixed": {"model": {"seq_len": 48, "d_model": 16, "d_fusion": 32, "memory_size": 8},
                   "data": {"max_windows": 64}, "train": {"batch_size": 32}},
-        "search": {"model.norm_const": {"type": "grid", "values": [norm_const]}}, "searcher": "grid",
+        "search": {"model.norm_const": {"type": "choice" if optuna else "grid", "values": [norm_const]}},
+        "searcher": "optuna" if optuna else "grid",
         "budget": {"trials": 1, "epochs": 2}, "scheduler": {"type": "fifo"},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
     return path
 
 
 @pytest.mark.slow
-def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
+def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path, postgres_or_none):
     """Two users run `tune.py` at the same time against one Ray cluster, one MLflow server and one (cold)
     feature cache: both finish, each in its own experiment, the entries they share are built once, and a
-    --resume of one leaves the other's runs alone."""
+    --resume of one leaves the other's runs alone. Where PostgreSQL is installed, on the production stack:
+    MLflow on PostgreSQL behind the cluster script, and both studies' Optuna storage in one PostgreSQL database."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as `ray start` sets up a cluster by default
@@ -168,13 +175,14 @@ def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
                     "false", "--disable-usage-stats"], check=True, capture_output=True, env=env)
     cache = tmp_path / "cache"
     try:
-        with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "server.log",
-                           artifacts=tmp_path / "art") as base:
+        optuna = ["--optuna-storage", postgres_or_none.create_database("optuna_two")] if postgres_or_none else []
+        with tracking_store(postgres_or_none, tmp_path) as (base, _):
             def tune(name, *extra):
-                study = _tiny_study(tmp_path / f"{name}.yaml", name, 0.4 if name == "alice" else 1.0)
+                study = _tiny_study(tmp_path / f"{name}.yaml", name, 0.4 if name == "alice" else 1.0,
+                                    optuna=name == "alice")
                 return subprocess.Popen([sys.executable, "tune.py", "--study", str(study), "--address",
                                          f"127.0.0.1:{port}", "--tracking-uri", base, "--cache-dir", str(cache),
-                                         "--storage-path", str(tmp_path / "ray"), *extra], cwd=REPO, env=env,
+                                         "--storage-path", str(tmp_path / "ray"), *optuna, *extra], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
             procs = {name: tune(name) for name in ("alice", "bob")}
@@ -194,6 +202,11 @@ def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path):
             built = sum(r.data.metrics.get("system/features_built", 0) + r.data.metrics.get("system/cache_builds", 0)
                         for rs in runs.values() for r in rs)
             assert built == 3 and len(list(cache.glob("*.parquet"))) == 3
+            if postgres_or_none:  # alice's Optuna study went to the PostgreSQL storage, told once
+                import optuna as ot
+
+                kept = ot.load_study(study_name="timevlm-alice/alice-ETTh1-24", storage=optuna[1])
+                assert len(kept.get_trials(states=[ot.trial.TrialState.COMPLETE])) == 1
             # bob resumes: alice's runs are untouched, bob's are reused, not duplicated
             again = tune("bob", "--resume")
             assert again.communicate(timeout=600)[0] is not None and again.returncode == 0

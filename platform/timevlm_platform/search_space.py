@@ -57,7 +57,13 @@ class DistinctOptunaSearch(OptunaSearch):
     def _setup_study(self, mode):
         super()._setup_study(mode)
         if isinstance(self.metric, str) and self._ot_study.metric_names is None:
-            self._ot_study.set_metric_names([self.metric])
+            import warnings
+
+            import optuna
+
+            with warnings.catch_warnings():  # "experimental since v3.2", once per study: not for the console
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self.metric])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)

@@ -184,7 +184,7 @@ def log_selection_gap(study: DurableRun, spec: StudySpec, table: pd.DataFrame) -
     choice, which alone decides `@best`): printed, and on the study's run as `diagnostic/*` metrics and a CSV."""
     keys = [k.split(".", 1)[-1] for k in spec.searched_keys]
     gap = selection.selection_gap(table, keys, val=spec.metric) if len(table) else pd.DataFrame()
-    if gap.empty:
+    if gap.empty or gap["configs"].max() < 2:  # one configuration per cell: nothing to choose between
         return gap
     print(f"{PREFIX} {selection.summary_line(gap)}", flush=True)
     study.log_metrics({"diagnostic/test_selected_test_mse": float(gap["test_selected_test_mse"].mean()),
