@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,17 +19,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, log: Path, timeout_s: float = 90, port: int | None = None,
-                  artifacts: Path | None = None):
-    """`mlflow server` on the store, on a free local port (or `port`); yields its base URL, stops it after."""
-    port = port or free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
+def serve(cmd: list[str], base: str, log: Path, env: dict | None = None, timeout_s: float = 90):
+    """Start a tracking server command, wait until `base`/health answers, yield; stop its process group after (a
+    server still finishing requests on a loaded machine after 30 s is killed: stopping it is not the test)."""
     with open(log, "a") as out:
-        proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "1",
-                                 *(["--artifacts-destination", str(artifacts)] if artifacts else [])],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + timeout_s
         while True:
@@ -39,9 +34,26 @@ def mlflow_server(backend_uri: str, log: Path, timeout_s: float = 90, port: int 
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not come up on {base}: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"the tracking server did not come up on {base}: {log.read_text()[-2000:]}")
             time.sleep(0.5)
         yield base
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # it may have died already (the error above says why)
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, log: Path, timeout_s: float = 90, port: int | None = None,
+                  artifacts: Path | None = None):
+    """`mlflow server` on the store, on a free local port (or `port`); yields its base URL, stops it after."""
+    port = port or free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", *(["--artifacts-destination", str(artifacts)] if artifacts else [])]
+    with serve(cmd, f"http://127.0.0.1:{port}", log, timeout_s=timeout_s) as base:
+        yield base

@@ -11,15 +11,12 @@ import contextlib
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from mlflow_server import free_port
+from mlflow_server import free_port, serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,31 +85,9 @@ def tracking_server(db_url: str, artifacts: Path, log: Path, port: int | None = 
     env = {**os.environ, "MLFLOW_DB_URI": db_url, "MLFLOW_ARTIFACTS": str(artifacts), "PORT": str(port),
            "WORKERS": "2", "HOST": "127.0.0.1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "a") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow" / "start_local_server.sh")], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the tracking server did not come up on {base}: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    with serve(["bash", str(REPO / "cluster" / "mlflow" / "start_local_server.sh")], f"http://127.0.0.1:{port}",
+               log, env=env, timeout_s=timeout_s) as base:
         yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have died already (then the error above says why)
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # its workers finishing requests on a loaded machine: not the test's point
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 _databases = iter(range(1_000_000))
