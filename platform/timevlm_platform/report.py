@@ -272,8 +272,8 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
         avg = summary.groupby(by, dropna=False)[averaged].mean().reset_index()
         lines += ["## Averaged over horizons", "", _markdown(_with_paper(avg.assign(horizon="avg"), spec, model)),
                   ""]
-    gap = selection_gap(summary, keys + [c for c in ("model", "seq_len") if c in summary and c not in keys],
-                        val="val_mse")
+    varying = [c for c in ("model", "seq_len") if c in summary and c not in keys and summary[c].nunique() > 1]
+    gap = selection_gap(summary, keys + varying, val="val_mse")
     if not gap.empty and gap["configs"].max() > 1:
         gap.to_csv(dest / "selection_gap.csv", index=False)
         lines += ["## Selection gap (diagnostic, not a result)", "",
