@@ -78,12 +78,12 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def tracking_server(db_url: str, artifacts: Path, log: Path, port: int | None = None, timeout_s: float = 90):
+def tracking_server(db_url: str, artifacts: Path, log: Path, port: int | None = None, timeout_s: float = 180):
     """`cluster/mlflow/start_local_server.sh` on `db_url` with served artifacts in a local folder: yields its base
     URL (workers need only that), stops it after."""
     port = port or free_port()
     env = {**os.environ, "MLFLOW_DB_URI": db_url, "MLFLOW_ARTIFACTS": str(artifacts), "PORT": str(port),
-           "WORKERS": "2", "HOST": "127.0.0.1",
+           "WORKERS": "1", "HOST": "127.0.0.1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with serve(["bash", str(REPO / "cluster" / "mlflow" / "start_local_server.sh")], f"http://127.0.0.1:{port}",
                log, env=env, timeout_s=timeout_s) as base:

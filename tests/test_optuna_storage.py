@@ -22,9 +22,25 @@ def _searcher(url):
 
 
 def _complete(s, trial_id: str, value: float) -> dict:
+    """A trial that ran to its end: its final report carries the test metrics."""
     cfg = s.suggest(trial_id)
-    s.on_trial_complete(trial_id, {"best_val_mse": value, **cfg})
+    s.on_trial_result(trial_id, {"best_val_mse": value + 0.1, "epoch": 1, "mlflow_run_id": f"run-{trial_id}"})
+    s.on_trial_complete(trial_id, {"best_val_mse": value, "test_mse": value, "epoch": 1, **cfg})
     return cfg
+
+
+def test_a_stopped_trial_is_pruned_and_each_trial_names_its_run_and_epochs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = _searcher(url)
+    _complete(s, "t0", 0.5)
+    s.suggest("t1")  # stopped by the scheduler after epoch 1: its last result has no test metrics
+    s.on_trial_result("t1", {"best_val_mse": 0.9, "epoch": 1, "mlflow_run_id": "run-t1"})
+    s.on_trial_complete("t1", {"best_val_mse": 0.9, "epoch": 1})
+    study = optuna.load_study(study_name="timevlm-opt/opt-ETTh1-96", storage=url)
+    t0, t1 = study.trials
+    assert (t0.state, t1.state) == (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert study.metric_names == ["best_val_mse"] and t1.user_attrs["mlflow_run_id"] == "run-t1"
+    assert t0.intermediate_values == {1: pytest.approx(0.6)}  # one point per epoch, at that epoch
 
 
 def test_resumed_searcher_continues_from_every_finished_trial(tmp_path):

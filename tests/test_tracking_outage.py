@@ -1,4 +1,5 @@
-"""The MLflow tracking server goes away mid-study and comes back: nothing a trial logged is lost.
+"""The MLflow tracking server goes away mid-study and comes back: nothing a trial logged is lost; two local studies
+at once. (Two studies at once against one server, database and cluster: tests/test_postgres_stack.py.)
 
 A real `mlflow server` (SQLite backend) is stopped and started again on the same port: first under one run's
 journal directly, then under a running study."""
@@ -148,75 +149,16 @@ def test_server_stopped_mid_study_and_at_its_end_loses_nothing(tmp_path, shared_
         assert model.predict(np.zeros((1, 48, 7), np.float32)).shape == (1, 24, 7)
 
 
-def _tiny_study(path, name, norm_const, optuna=False):
-    """One trial at `norm_const`: on a grid, or (`optuna`) drawn by Optuna from a choice of that one value."""
+def _tiny_study(path, name, norm_const):
+    """One trial at `norm_const`."""
     path.write_text(yaml.safe_dump({
         "name": name, "datasets": ["ETTh1"], "horizons": [24],
         "fixed": {"model": {"seq_len": 48, "d_model": 16, "d_fusion": 32, "memory_size": 8},
                   "data": {"max_windows": 64}, "train": {"batch_size": 32}},
-        "search": {"model.norm_const": {"type": "choice" if optuna else "grid", "values": [norm_const]}},
-        "searcher": "optuna" if optuna else "grid",
+        "search": {"model.norm_const": {"type": "grid", "values": [norm_const]}}, "searcher": "grid",
         "budget": {"trials": 1, "epochs": 2}, "scheduler": {"type": "fifo"},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
     return path
-
-
-@pytest.mark.slow
-def test_two_studies_at_once_on_one_server_cache_and_cluster(tmp_path, postgres_or_none):
-    """Two users run `tune.py` at the same time against one Ray cluster, one MLflow server and one (cold)
-    feature cache: both finish, each in its own experiment, the entries they share are built once, and a
-    --resume of one leaves the other's runs alone. Where PostgreSQL is installed, on the production stack:
-    MLflow on PostgreSQL behind the cluster script, and both studies' Optuna storage in one PostgreSQL database."""
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as `ray start` sets up a cluster by default
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard",
-                    "false", "--disable-usage-stats"], check=True, capture_output=True, env=env)
-    cache = tmp_path / "cache"
-    try:
-        optuna = ["--optuna-storage", postgres_or_none.create_database("optuna_two")] if postgres_or_none else []
-        with tracking_store(postgres_or_none, tmp_path) as (base, _):
-            def tune(name, *extra):
-                study = _tiny_study(tmp_path / f"{name}.yaml", name, 0.4 if name == "alice" else 1.0,
-                                    optuna=name == "alice")
-                return subprocess.Popen([sys.executable, "tune.py", "--study", str(study), "--address",
-                                         f"127.0.0.1:{port}", "--tracking-uri", base, "--cache-dir", str(cache),
-                                         "--storage-path", str(tmp_path / "ray"), *optuna, *extra], cwd=REPO, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-            procs = {name: tune(name) for name in ("alice", "bob")}
-            outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
-            for name, p in procs.items():
-                assert p.returncode == 0, outs[name][-3000:]
-            client = MlflowClient(base)
-            runs = {}
-            for name in ("alice", "bob"):
-                exp = client.get_experiment_by_name(f"timevlm-{name}")
-                runs[name] = client.search_runs([exp.experiment_id])
-                kids = [r for r in runs[name] if r.data.tags.get(tracking.ROLE_TAG) == "trial"]
-                assert len(runs[name]) == 2 and len(kids) == 1 and kids[0].info.status == "FINISHED"
-                assert kids[0].data.tags[tracking.STUDY_TAG] == name
-            # the three entries (train/val/test of ETTh1 at 48->24) were built once between the two studies:
-            # by either study's up-front build or by a trial, never twice
-            built = sum(r.data.metrics.get("system/features_built", 0) + r.data.metrics.get("system/cache_builds", 0)
-                        for rs in runs.values() for r in rs)
-            assert built == 3 and len(list(cache.glob("*.parquet"))) == 3
-            if postgres_or_none:  # alice's Optuna study went to the PostgreSQL storage, told once
-                import optuna as ot
-
-                kept = ot.load_study(study_name="timevlm-alice/alice-ETTh1-24", storage=optuna[1])
-                assert len(kept.get_trials(states=[ot.trial.TrialState.COMPLETE])) == 1
-            # bob resumes: alice's runs are untouched, bob's are reused, not duplicated
-            again = tune("bob", "--resume")
-            assert again.communicate(timeout=600)[0] is not None and again.returncode == 0
-            alice_exp = client.get_experiment_by_name("timevlm-alice").experiment_id
-            after = {r.info.run_id: r.info.end_time for r in client.search_runs([alice_exp])}
-            assert after == {r.info.run_id: r.info.end_time for r in runs["alice"]}
-            bob_exp = client.get_experiment_by_name("timevlm-bob").experiment_id
-            assert len(client.search_runs([bob_exp])) == 2
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
 
 
 @pytest.mark.slow
