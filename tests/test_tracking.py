@@ -177,3 +177,11 @@ def test_utilisation_counts_only_the_trial_phase(tmp_path):
     busy = trial_busy_seconds(c, exp, parent, since, pd.DataFrame(), until=until)
     assert busy == 50 + 100 + 50
     assert utilisation(busy, 2, until - since) == 1.0
+
+
+def test_a_registered_name_does_not_repeat_the_dataset_a_study_is_named_for():
+    from timevlm_platform.model_logging import registered_name
+
+    assert registered_name("default", "ETTh1-96") == "timevlm-default-ETTh1-96"
+    assert registered_name("norm_const-epochs3-ETTh1", "ETTh1-96") == "timevlm-norm_const-epochs3-ETTh1-96"
+    assert registered_name("d_model-epochs3-ETTh1-percent10", "ETTh1-96") == "timevlm-d_model-epochs3-ETTh1-percent10-96"

@@ -95,7 +95,7 @@ def registered_name(study: str, cell_label: str) -> str:
     """A registry name derived from the study and cell, e.g. `timevlm-default-ETTh1-96`; a study named for its
     dataset (`norm_const-epochs3-ETTh1`, from --datasets) does not repeat it (`timevlm-norm_const-epochs3-ETTh1-96`)."""
     dataset, _, rest = cell_label.partition("-")
-    if rest and study.endswith(f"-{dataset}"):
+    if rest and dataset in study.split("-")[1:]:  # e.g. `d_model-epochs3-ETTh1-percent10`
         cell_label = rest
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"timevlm-{study}-{cell_label}")
 
