@@ -108,7 +108,12 @@ def test_loading_the_custom_vlm_draws_no_progress_bar_and_leaves_the_setting_alo
     """transformers drew "Loading weights 103/103" at every load (each trial, each pyfunc load)."""
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    vlm = load_vlm(ModelConfig(vlm="custom"))
-    assert vlm.text is not None and "Loading weights" not in "".join(capfd.readouterr())
-    assert hf_logging.is_progress_bar_enabled()  # a user's own loads still show theirs
+    before = hf_logging.is_progress_bar_enabled()  # a study's console may have turned them off for the process
+    hf_logging.enable_progress_bar()
+    try:
+        vlm = load_vlm(ModelConfig(vlm="custom"))
+        assert vlm.text is not None and "Loading weights" not in "".join(capfd.readouterr())
+        assert hf_logging.is_progress_bar_enabled()  # a user's own loads still show theirs
+    finally:
+        if not before:
+            hf_logging.disable_progress_bar()
