@@ -52,8 +52,9 @@ def _train_iters(args) -> dict:
     model = p.model.to(device)
     if not use_cache:
         model._encoder.adapter.to(device)
-    configure_process(TrainConfig(lr=1e-3), device)  # what `fit` sets up first
-    step_fn = TrainStep(model, TrainConfig(lr=1e-3), device)  # the trainer's step: clipping, AdamW, weight average
+    train = TrainConfig(lr=1e-3).resolved("timevlm")
+    configure_process(train, device)  # what `fit` sets up first
+    step_fn = TrainStep(model, train, device)  # the trainer's step: clipping, AdamW, weight average
     loader = make_loader(p.splits["train"], 32, shuffle=True)
     feats = p.features["train"]
     times = []

@@ -183,6 +183,8 @@ def _library_step(model, fwd, device):
     from timevlm.config import TrainConfig
 
     cfg = TrainConfig(lr=1e-3)
+    if hasattr(cfg, "resolved"):  # `auto` settings are the model's own (older commits resolved them in `fit`)
+        cfg = cfg.resolved("timevlm")
     if hasattr(training, "configure_process"):  # the process setup `fit` does (allocator settings on CPU)
         training.configure_process(cfg, device)
     if hasattr(training, "TrainStep"):

@@ -18,7 +18,7 @@ def test_paper_defaults():
     (dict(seq_len=16, patch_len=16), "seq_len \\(16\\) must be greater than patch_len \\(16\\)"),
     (dict(d_model=30, n_heads=4), "d_model \\(30\\) must be divisible by n_heads"),
     (dict(norm_const=0), "norm_const must be in"),
-    (dict(instance_norm="batch"), "instance_norm must be revin or none"),
+    (dict(instance_norm="batch"), "instance_norm must be revin, none or auto"),
     (dict(vlm="llava"), "unknown VLM 'llava'"),
     (dict(use_ral=False, use_val=False, use_tal=False), "at least one of use_ral"),
     (dict(pred_len=0), "pred_len must be a positive integer"),
@@ -45,29 +45,40 @@ def test_flat_roundtrip():
     assert ExperimentConfig.from_dict(e.to_dict()) == e
 
 
-def test_weight_averaging_is_each_models_own_setting_unless_set():
-    from timevlm.config import EMA_DECAY_BY_MODEL
+def test_each_models_own_settings_are_written_in_unless_set():
+    """`auto` (the default) becomes the model's own setting when the experiment is made, so MLflow logs what ran;
+    what a user set stays."""
+    from timevlm.config import MODEL_DEFAULTS
 
-    assert TrainConfig().ema_decay == "auto"
-    for model, decay in EMA_DECAY_BY_MODEL.items():  # resolved to the number MLflow will show
-        assert ExperimentConfig.from_dict({"model": {"model": model}}).train.ema_decay == decay
-    assert ExperimentConfig().train.ema_decay == 0.999
-    explicit = ExperimentConfig.from_dict({"model": {"model": "dlinear"}, "train": {"ema_decay": 0.99}})
-    assert explicit.train.ema_decay == 0.99
-    assert ExperimentConfig.from_dict({"train": {"ema_decay": None}}).train.ema_decay is None
+    assert (TrainConfig().ema_decay, TrainConfig().forecast_loss, ModelConfig().instance_norm) == ("auto",) * 3
+    for model, own in MODEL_DEFAULTS.items():
+        exp = ExperimentConfig.from_dict({"model": {"model": model}})
+        assert (exp.model.instance_norm, exp.train.ema_decay, exp.train.forecast_loss) == (
+            own.instance_norm, own.ema_decay, own.forecast_loss)
+        assert "auto" not in exp.params().values()
     assert ExperimentConfig().flat()["train.ema_decay"] == 0.999
+    assert ExperimentConfig().flat()["train.forecast_loss"] == "mse"
+    assert ExperimentConfig().flat()["model.instance_norm"] == "revin"
+    explicit = ExperimentConfig.from_dict({"model": {"model": "dlinear", "instance_norm": "revin"},
+                                           "train": {"ema_decay": 0.99, "forecast_loss": "mse+mae"}})
+    assert (explicit.model.instance_norm, explicit.train.ema_decay, explicit.train.forecast_loss) == (
+        "revin", 0.99, "mse+mae")
+    assert ExperimentConfig.from_dict({"train": {"ema_decay": None}}).train.ema_decay is None
+    # a model saved before `auto` existed carries instance_norm: null for it
+    assert ExperimentConfig.from_dict({"model": {"instance_norm": None}}).model.instance_norm == "revin"
 
 
-def test_fit_with_a_bare_train_config_averages_as_the_experiment_would():
-    """`fit` given TrainConfig() ("auto") picks the same setting by the module's class as the config by name."""
+def test_training_with_an_unresolved_train_config_is_refused():
+    """Only the model decides what `auto` means: a bare TrainConfig is resolved for it, or refused."""
     from timevlm.model import build_model
-    from timevlm.training import _weight_average
+    from timevlm.training import TrainStep
 
-    for name in ("timevlm", "dlinear", "patchtst"):
-        model = build_model(ModelConfig(model=name, seq_len=96, pred_len=24, n_vars=7, periodicity=24, d_model=16))
-        ema = _weight_average(model, "auto")
-        assert (ema is None) == (ExperimentConfig.from_dict({"model": {"model": name}}).train.ema_decay is None)
-    assert _weight_average(torch.nn.Linear(2, 2), "auto") is None  # a model with no setting: no average
+    model = build_model(ModelConfig(model="dlinear", seq_len=96, pred_len=24, n_vars=7, periodicity=24))
+    with pytest.raises(ConfigError, match="auto"):
+        TrainStep(model, TrainConfig(), torch.device("cpu"))
+    step = TrainStep(model, TrainConfig().resolved("dlinear"), torch.device("cpu"))
+    assert step.ema is None and step.forecast_loss == "mse"
+    assert TrainStep(model, TrainConfig().resolved("timevlm"), torch.device("cpu")).ema is not None
 
 
 def test_an_experiment_is_resolved_once_on_construction():

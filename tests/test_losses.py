@@ -70,7 +70,7 @@ def test_forecast_loss_mse_plus_mae():
     pred, y = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 0.0]])
     assert forecast_loss(pred, y).item() == pytest.approx(2.5)
     assert forecast_loss(pred, y, "mse+mae").item() == pytest.approx(2.5 + 1.5)
-    with pytest.raises(ConfigError, match="forecast_loss must be mse or mse\\+mae"):
+    with pytest.raises(ConfigError, match="forecast_loss must be mse, mse\\+mae or auto"):
         TrainConfig(forecast_loss="mae")
     with pytest.raises(ConfigError, match="itm_weight and wpa_weight must be >= 0"):
         TrainConfig(itm_weight=-1.0)
@@ -84,7 +84,7 @@ def test_with_the_defaults_a_training_step_is_bit_identical_to_a_plain_mse_step(
         return model
 
     model, reference = opened(), opened()
-    cfg = TrainConfig(ema_decay=None)
+    cfg = TrainConfig(ema_decay=None, forecast_loss="mse")
     step = TrainStep(model, cfg, torch.device("cpu"))
     assert step.alignment is None and len(step.params) == len(list(reference.parameters()))
     opt = make_optimizer(list(reference.parameters()), cfg, torch.device("cpu"))
@@ -105,7 +105,7 @@ def test_with_the_defaults_a_training_step_is_bit_identical_to_a_plain_mse_step(
 def test_alignment_losses_train_the_projections_and_their_own_classifier():
     torch.manual_seed(0)
     model = build_model(CFG)
-    step = TrainStep(model, TrainConfig(ema_decay=None, itm_weight=0.5, wpa_weight=0.5), torch.device("cpu"))
+    step = TrainStep(model, TrainConfig(ema_decay=None, forecast_loss="mse", itm_weight=0.5, wpa_weight=0.5), torch.device("cpu"))
     x, feats, y = batch()
     loss = step.loss(x, feats, y)
     assert set(step.parts) == {"itm", "wpa"} and all(p > 0 for p in step.parts.values())
@@ -118,4 +118,4 @@ def test_alignment_losses_train_the_projections_and_their_own_classifier():
     assert any(step.alignment.itm.classifier.weight is p for g in step.opt.param_groups for p in g["params"])
     with pytest.raises(ValueError, match="needs both its vision and text learners"):
         TrainStep(build_model(ModelConfig(**{**CFG.__dict__, "use_tal": False})),
-                  TrainConfig(itm_weight=0.5), torch.device("cpu"))
+                  TrainConfig(itm_weight=0.5).resolved("timevlm"), torch.device("cpu"))

@@ -94,9 +94,9 @@ def test_without_val_and_tal_the_model_is_the_temporal_branch_alone():
 @pytest.mark.parametrize("name,default", [("timevlm", "revin"), ("patchtst", "revin"), ("dlinear", "none")])
 def test_instance_norm_takes_the_window_level_out_or_leaves_it_in(name, default):
     """revin: the forecast follows the window's level and scale, y(2x + 3) = 2 y(x) + 3, whatever the weights;
-    none: the network sees the raw window, so it does not; unset: the model's published choice."""
+    none: the network sees the raw window, so it does not; auto: the model's published choice."""
     x, out = torch.randn(B, L, N), {}
-    for mode in (None, "revin", "none"):
+    for mode in ("auto", "revin", "none"):
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(CFG, model=name, instance_norm=mode, use_val=False, use_tal=False))
         with torch.no_grad():
@@ -108,7 +108,7 @@ def test_instance_norm_takes_the_window_level_out_or_leaves_it_in(name, default)
     torch.testing.assert_close(moved, 2 * y + 3, atol=1e-3, rtol=1e-3)
     y, moved = out["none"]
     assert not torch.allclose(moved, 2 * y + 3, atol=0.05)
-    torch.testing.assert_close(out[None][0], out[default][0])
+    torch.testing.assert_close(out["auto"][0], out[default][0])
 
 
 def test_closed_gate_gives_exactly_the_temporal_forecast():

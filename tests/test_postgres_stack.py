@@ -41,7 +41,7 @@ def _trial_runs(client, name="timevlm-pgstack"):
     return [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "trial"], runs
 
 
-def test_a_study_on_postgresql_interrupted_and_resumed_through_ray_job_submit(tmp_path, postgres):
+def test_a_study_on_postgresql_interrupted_and_resumed_through_ray_job_submit(tmp_path, postgres, data_dir):
     """Two users at once on one stack: `pgstack` (4 Optuna trials, all training at once; its driver killed after
     the first finished, then `ray job submit ... --resume`) and `alice` (one trial). Nothing of either is lost or
     duplicated, the feature entries they share are built once in the (cold) cache, and the resume leaves alice's
@@ -65,7 +65,7 @@ def test_a_study_on_postgresql_interrupted_and_resumed_through_ray_job_submit(tm
     try:
         with tracking_server(mlflow_db, tmp_path / "artifacts", tmp_path / "server.log") as base:
             common = ["--tracking-uri", base, "--optuna-storage", optuna_db, "--storage-path", str(tmp_path / "ray"),
-                      "--cache-dir", str(cache)]
+                      "--cache-dir", str(cache), "--data-dir", str(data_dir)]
             args = ["--study", str(study_file), *common]
             first, alice = (subprocess.Popen([sys.executable, "tune.py", *a, "--address", f"127.0.0.1:{gcs}"],
                                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -195,7 +195,7 @@ def test_train_step_fused_adamw_takes_the_same_steps_and_resumes_an_unfused_stat
 
     fused_model = build_model(cfg)
     plain_model = copy.deepcopy(fused_model)
-    train = TrainConfig(lr=1e-2, weight_decay=0.01, ema_decay=None)
+    train = TrainConfig(lr=1e-2, weight_decay=0.01, ema_decay=None, forecast_loss="mse")
     step = TrainStep(fused_model, train, torch.device("cpu"))
     assert step.opt.param_groups[0]["fused"] is True  # torch's one-pass kernel on CPU
     plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.01)

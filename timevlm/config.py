@@ -9,7 +9,7 @@ from timevlm.errors import ConfigError
 
 VLM_VARIANTS = ("custom", "clip", "vilt", "blip2")
 INSTANCE_NORMS = ("revin", "none")  # timevlm/model/normalization.py
-MODEL_KINDS = ("timevlm", "dlinear", "patchtst")
+MODEL_KINDS = ("timevlm", "dlinear", "patchtst")  # MODEL_DEFAULTS below holds what `auto` means for each
 FEW_SHOT_CUTS = ("random", "first")  # timevlm/data/windows.py
 
 
@@ -17,6 +17,32 @@ FEW_SHOT_CUTS = ("random", "first")  # timevlm/data/windows.py
 # threads, console), not what is trained: they never change a result, are never logged as parameters
 # (ExperimentConfig.params), and a platform sets them for its machines through RunEnv (ExperimentConfig.placed).
 ENV = {"env": True}
+
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What `auto` means for one model: the settings each model keeps from its own paper or from our
+    measurements, written into an experiment when it is resolved (ExperimentConfig), so MLflow logs what ran."""
+
+    # per-window instance normalisation (model.instance_norm): Time-VLM and PatchTST normalise each window
+    # (RevIN), DLinear maps the raw window, as their papers do
+    instance_norm: str
+    # weight averaging (train.ema_decay), chosen on validation MSE, the only selector: offered to every model in
+    # the same runs, it lowered the validation MSE of Time-VLM and PatchTST wherever measured and raised
+    # DLinear's (a linear map without dropout has little step-to-step noise to average away)
+    ema_decay: float | None
+    # the forecast's loss (train.forecast_loss)
+    forecast_loss: str
+
+
+MODEL_DEFAULTS: dict[str, ModelDefaults] = {
+    "timevlm": ModelDefaults(instance_norm="revin", ema_decay=0.999, forecast_loss="mse"),
+    "dlinear": ModelDefaults(instance_norm="none", ema_decay=None, forecast_loss="mse"),
+    "patchtst": ModelDefaults(instance_norm="revin", ema_decay=0.999, forecast_loss="mse"),
+}
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -77,9 +103,9 @@ class ModelConfig:
     mm_dropout: float = 0.3  # dropout on the projected VLM tokens and before the correction head
     norm_const: float = 0.4
     # per-window instance normalisation: "revin" (each window's mean and std out, back into the forecast) or
-    # "none" (the raw window); None: the model's published choice (revin for Time-VLM and PatchTST, none for
-    # DLinear). reports/accuracy: none helps Time-VLM on ETTh1 5% at H 96 and hurts it on ETTm1 10% at H 720
-    instance_norm: Literal["revin", "none"] | None = None
+    # "none" (the raw window); auto: the model's published choice (MODEL_DEFAULTS). reports/accuracy: none
+    # helps Time-VLM on ETTh1 5% at H 96 and hurts it on ETTm1 10% at H 720
+    instance_norm: Literal["revin", "none", "auto"] = AUTO
     # ablations: each switch removes the branch from the forward pass
     use_ral: bool = True
     use_val: bool = True
@@ -110,8 +136,10 @@ class ModelConfig:
         _require(self.d_fusion % self.n_heads == 0,
                  f"d_fusion ({self.d_fusion}) must be divisible by n_heads ({self.n_heads})")
         _require(0.0 < float(self.norm_const) <= 10.0, f"norm_const must be in (0, 10], got {self.norm_const}")
-        _require(self.instance_norm is None or self.instance_norm in INSTANCE_NORMS,
-                 f"instance_norm must be {' or '.join(INSTANCE_NORMS)} (or unset), got {self.instance_norm!r}")
+        if self.instance_norm is None:  # what a model saved before `auto` existed carries for it
+            self.instance_norm = AUTO
+        _require(self.instance_norm in (*INSTANCE_NORMS, AUTO),
+                 f"instance_norm must be {', '.join(INSTANCE_NORMS)} or auto, got {self.instance_norm!r}")
         _require(isinstance(self.linear_skip, bool), f"linear_skip must be true or false, got {self.linear_skip!r}")
         _require(self.linear_skip or self.head_drop == 0.0,
                  f"head_drop ({self.head_drop}) drops the head's residual on the linear map: it needs linear_skip")
@@ -122,6 +150,12 @@ class ModelConfig:
         _require(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         _require(self.use_ral or self.use_val or self.use_tal,
                  "at least one of use_ral, use_val, use_tal must be enabled")
+
+    def resolved(self) -> "ModelConfig":
+        """This config with `auto` settings replaced by the model's own (MODEL_DEFAULTS)."""
+        if self.instance_norm != AUTO:
+            return self
+        return dataclasses.replace(self, instance_norm=MODEL_DEFAULTS[self.model].instance_norm)
 
     @property
     def num_patches(self) -> int:
@@ -149,19 +183,6 @@ class DataConfig:
         _require(self.max_windows is None or self.max_windows > 0, "max_windows must be positive")
 
 
-# Weight averaging per model (`train.ema_decay: auto`), chosen on validation MSE, the only selector: offered to
-# every model in the same runs, it lowered the validation MSE of Time-VLM and PatchTST wherever measured and
-# raised DLinear's (a linear map without dropout has little step-to-step noise to average away; the runs:
-# `git show f1b0a5e:reports/fidelity/README.md`, "Weight averaging"). None: off.
-EMA_DECAY_BY_MODEL: dict[str, float | None] = {"timevlm": 0.999, "dlinear": None, "patchtst": 0.999}
-
-
-def resolve_ema_decay(decay: float | str | None, model_name: str) -> float | None:
-    """`train.ema_decay` as the number a run uses (None: no average); "auto" is `model_name`'s own setting
-    (EMA_DECAY_BY_MODEL; a model it does not list trains without an average)."""
-    return EMA_DECAY_BY_MODEL.get(model_name) if decay == "auto" else decay
-
-
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -177,8 +198,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=ENV)
     num_threads: int | None = field(default=None, metadata=ENV)
     grad_clip: float | None = 1.0
-    # the forecast's loss; "mse+mae" is the authors' masked-visual-modelling objective (timevlm.losses.forecast)
-    forecast_loss: Literal["mse", "mse+mae"] = "mse"
+    # the forecast's loss; "mse+mae" is the authors' masked-visual-modelling objective (timevlm.losses.forecast);
+    # auto: the model's own (MODEL_DEFAULTS)
+    forecast_loss: Literal["mse", "mse+mae", "auto"] = AUTO
     # Time-VLM's alignment losses on the projected vision and text tokens, added at these weights (0: off):
     # image-text matching (timevlm.losses.itm) and word-patch alignment by optimal transport (timevlm.losses.wpa)
     itm_weight: float = 0.0
@@ -189,14 +211,24 @@ class TrainConfig:
     shuffle_features: bool = False
     # an exponential moving average of the weights, updated after every step with this decay (None: off); it is
     # what validation scores, what early stopping keeps and what the test sees (torch.optim.swa_utils).
-    # "auto": the model's own setting, EMA_DECAY_BY_MODEL (an ExperimentConfig writes the number in)
-    ema_decay: float | Literal["auto"] | None = "auto"
+    # auto: the model's own setting (MODEL_DEFAULTS)
+    ema_decay: float | Literal["auto"] | None = AUTO
     # the VLM features from the cache (computed once per key) or by an encoder attached to the model at every step
     use_feature_cache: bool = field(default=True, metadata=ENV)
-    cache_dir: str | None = field(default=None, metadata=ENV)  # None: $TIMEVLM_CACHE_DIR, then ./feature_cache
+    cache_dir: str | None = field(default=None, metadata=ENV)  # None: timevlm.features.resolve_cache_root
     # an unwritable cache: fail naming it, or compute in memory
     cache_fallback: Literal["error", "memory"] = field(default="error", metadata=ENV)
     progress: bool = field(default=True, metadata=ENV)
+
+    def resolved(self, model: str) -> "TrainConfig":
+        """This config with `auto` settings replaced by `model`'s own (MODEL_DEFAULTS)."""
+        own = MODEL_DEFAULTS[model]
+        return dataclasses.replace(self, **{name: getattr(own, name) for name in ("ema_decay", "forecast_loss")
+                                            if getattr(self, name) == AUTO})
+
+    @property
+    def is_resolved(self) -> bool:
+        return AUTO not in (self.ema_decay, self.forecast_loss)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -208,8 +240,8 @@ class TrainConfig:
                  f"ema_decay must be in (0, 1), auto or null, got {self.ema_decay!r}")
         _require(self.cache_fallback in ("error", "memory"),
                  f"cache_fallback must be error or memory, got {self.cache_fallback!r}")
-        _require(self.forecast_loss in ("mse", "mse+mae"),
-                 f"forecast_loss must be mse or mse+mae, got {self.forecast_loss!r}")
+        _require(self.forecast_loss in ("mse", "mse+mae", AUTO),
+                 f"forecast_loss must be mse, mse+mae or auto, got {self.forecast_loss!r}")
         _require(self.itm_weight >= 0 and self.wpa_weight >= 0,
                  f"itm_weight and wpa_weight must be >= 0, got {self.itm_weight} and {self.wpa_weight}")
         _require(self.use_feature_cache or not self.shuffle_features,
@@ -236,7 +268,8 @@ class RunEnv:
 class ExperimentConfig:
     """Everything one training run needs; what a Tune trial hands to its workers. Resolved on construction,
     once: what the dataset decides (n_vars, period, the prompt's name and description) and `auto` values are
-    written in, so every reader (the model, the feature cache's key, MLflow's parameters) sees the same numbers."""
+    written in, so every reader (the model, the feature cache's key, MLflow's parameters) sees the same numbers:
+    the only place `auto` settings are resolved."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,9 +282,8 @@ class ExperimentConfig:
         self.model = dataclasses.replace(
             m, n_vars=m.n_vars or spec.n_vars, periodicity=m.periodicity or spec.periodicity,
             dataset_name=m.dataset_name or spec.name, dataset_description=m.dataset_description or spec.description)
-        if self.train.ema_decay == "auto":  # the number the run will use, so it is what MLflow shows
-            self.train = dataclasses.replace(self.train,
-                                             ema_decay=resolve_ema_decay("auto", self.model.model))
+        self.model = self.model.resolved()
+        self.train = self.train.resolved(self.model.model)
 
     def placed(self, env: RunEnv) -> "ExperimentConfig":
         """This experiment with `env`'s settings (those it sets) for where and how it runs."""

@@ -37,8 +37,10 @@ from timevlm.model.multimodal import Features, MultimodalEncoder
 CACHE_DIR_ENV = "TIMEVLM_CACHE_DIR"
 
 
-def resolve_cache_root(root: str | None = None) -> str:
-    return root or os.environ.get(CACHE_DIR_ENV) or str(Path.cwd() / "feature_cache")
+def resolve_cache_root(root: str | None = None, home: Path | None = None) -> str:
+    """Where the feature cache lives: `root`, else $TIMEVLM_CACHE_DIR, else feature_cache/ under `home` (a
+    platform's home folder; the current directory without one). The only place this is decided."""
+    return root or os.environ.get(CACHE_DIR_ENV) or str((home or Path.cwd()) / "feature_cache")
 
 
 def cache_key(settings: dict, split: SplitData) -> str:

@@ -19,7 +19,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from timevlm.config import TrainConfig, resolve_ema_decay
+from timevlm.config import TrainConfig
+from timevlm.errors import ConfigError
 from timevlm.data.windows import SplitData, make_loader
 from timevlm.features import SplitFeatures
 from timevlm.kernels.build import enabled as kernels_enabled
@@ -203,12 +204,9 @@ def _ema_with_warmup(decay: float) -> Callable:
     return update
 
 
-def _weight_average(model: nn.Module, decay: float | str | None) -> AveragedModel | None:
+def _weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
     """An exponential moving average of `model`'s parameters (torch.optim.swa_utils), or None. Buffers are not
-    averaged (a memory bank's slots, Time-VLM's `initialized` flag): `_sync_buffers` copies the live ones in.
-    "auto" (`fit` called with a bare TrainConfig): the model's own setting, found by class name (TimeVLM,
-    DLinear, PatchTST are the registry's names lower-cased)."""
-    decay = resolve_ema_decay(decay, type(model).__name__.lower())
+    averaged (a memory bank's slots, Time-VLM's `initialized` flag): `_sync_buffers` copies the live ones in."""
     if decay is None:
         return None
     encoder = getattr(model, "_encoder", None)  # an attached frozen VLM is shared, never copied
@@ -289,6 +287,9 @@ class TrainStep:
     (backward, gradient clipping, AdamW, the weight average). benchmarks/step_speed.py times exactly this."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+        if not cfg.is_resolved:
+            raise ConfigError("the TrainConfig still says `auto` (ema_decay or forecast_loss), which only the model "
+                              "decides: train with ExperimentConfig(...).train, or TrainConfig.resolved(model_name)")
         self.model = model
         self.inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
         self.alignment = _alignment(self.inner, cfg, device)

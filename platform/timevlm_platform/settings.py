@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timevlm.data.files import resolve_data_dir
+from timevlm.features import resolve_cache_root
 from timevlm_platform import tracking
 
 
@@ -48,7 +49,7 @@ def resolve_paths(data_dir: str | None = None, tracking_uri: str | None = None, 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(home)
     return StudyPaths(
         data_dir=str(resolve_data_dir(data_dir).resolve()), tracking_uri=uri,
-        cache_dir=_absolute(cache_dir or os.environ.get("TIMEVLM_CACHE_DIR") or str(home / "feature_cache")),
+        cache_dir=_absolute(resolve_cache_root(cache_dir, home)),
         storage=_absolute(storage or os.environ.get("TIMEVLM_STORAGE_PATH") or str(home / "ray_results")),
         optuna_storage=(optuna_storage or os.environ.get("TIMEVLM_OPTUNA_STORAGE")
                         or default_optuna_storage(uri, home)))

@@ -41,7 +41,7 @@ class DLinear(DecompositionLinear):
 
     def __init__(self, cfg: ModelConfig, kernel: int = 25) -> None:
         super().__init__(cfg.seq_len, cfg.pred_len, kernel)
-        self.instance_norm = cfg.instance_norm or "none"
+        self.instance_norm = cfg.instance_norm
 
     def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
         mean, std = window_stats(x, self.instance_norm)
@@ -64,7 +64,7 @@ class PatchTST(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(d * n_patches, cfg.pred_len)
-        self.instance_norm = cfg.instance_norm or "revin"
+        self.instance_norm = cfg.instance_norm
 
     def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
         b, l, n = x.shape

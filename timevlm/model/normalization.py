@@ -1,8 +1,8 @@
 """Per-window instance normalisation (RevIN without its affine weights), or none: the statistics a model takes
 out of its input window and puts back into its forecast.
 
-`model.instance_norm` picks it; unset, each model keeps its published choice (Time-VLM and PatchTST normalise
-each window, DLinear maps the raw window).
+`model.instance_norm` picks it; `auto`, each model keeps its published choice (timevlm.config.MODEL_DEFAULTS:
+Time-VLM and PatchTST normalise each window, DLinear maps the raw window).
 """
 from __future__ import annotations
 

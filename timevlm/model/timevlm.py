@@ -66,7 +66,7 @@ class TimeVLM(nn.Module):
         return self.combine(self.forecast_parts(x, features), self._switch_buffers())
 
     def _inputs(self, x: torch.Tensor, features: Features | None):
-        mean, std = window_stats(x, self.cfg.instance_norm or "revin", self.cfg.norm_const)
+        mean, std = window_stats(x, self.cfg.instance_norm, self.cfg.norm_const)
         if self.uses_features and features is None:
             features = self.encode(x)
         vision = features["vision"].to(x.device, x.dtype) if features and self.cfg.use_val else None
@@ -116,7 +116,9 @@ class TimeVLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The forecasting model named by cfg.model (Time-VLM or a baseline), without any VLM weights loaded."""
+    """The forecasting model named by cfg.model (Time-VLM or a baseline), without any VLM weights loaded; its
+    `auto` settings are the model's own (ModelConfig.resolved)."""
+    cfg = cfg.resolved()
     if cfg.model == "timevlm":
         return TimeVLM(cfg, *feature_dims(cfg))
     from timevlm.model.baselines import build_baseline
