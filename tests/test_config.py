@@ -57,7 +57,7 @@ def test_each_models_own_settings_are_written_in_unless_set():
             own.instance_norm, own.ema_decay, own.forecast_loss)
         assert "auto" not in exp.params().values()
     assert ExperimentConfig().flat()["train.ema_decay"] == 0.999
-    assert ExperimentConfig().flat()["train.forecast_loss"] == "mse"
+    assert ExperimentConfig().flat()["train.forecast_loss"] == "mse+mae"
     assert ExperimentConfig().flat()["model.instance_norm"] == "revin"
     explicit = ExperimentConfig.from_dict({"model": {"model": "dlinear", "instance_norm": "revin"},
                                            "train": {"ema_decay": 0.99, "forecast_loss": "mse+mae"}})
