@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -185,3 +187,15 @@ def test_a_registered_name_does_not_repeat_the_dataset_a_study_is_named_for():
     assert registered_name("default", "ETTh1-96") == "timevlm-default-ETTh1-96"
     assert registered_name("norm_const-epochs3-ETTh1", "ETTh1-96") == "timevlm-norm_const-epochs3-ETTh1-96"
     assert registered_name("d_model-epochs3-ETTh1-percent10", "ETTh1-96") == "timevlm-d_model-epochs3-ETTh1-percent10-96"
+
+
+def test_the_journal_knows_every_call_without_importing_the_study_code():
+    """A process that replays a journal imports only the spool: the study's composite calls (closing stopped
+    trials, failing a trial, marking the best) are there already, and the layers import one way (the spool
+    never imports the study's results code, which imports the spool)."""
+    code = ("import sys; from timevlm_platform import spool; "
+            "assert {'close_stopped', 'fail_trial', 'mark_best', 'model'} <= set(spool.OPS), sorted(spool.OPS); "
+            "assert 'timevlm_platform.study_results' not in sys.modules; "
+            "assert 'timevlm_platform.runner' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -18,7 +18,7 @@ periodicity is the script's, also for the 15-minute ETTm sets).
 `long_input`: d_model 16, dropout 0.3, for inputs of ~512 steps: a smaller flatten head. Chosen on validation
 only, by a rule fixed before the numbers came in: of seven candidates, the lowest mean over ETTh1, ETTh2, ETTm1
 and ETTm2 (512->96) of validation MSE relative to DLinear's, with the flatten head alone as the temporal
-forecast (`git show f1b0a5e:reports/fidelity/README.md`). Same for every dataset and horizon.
+forecast. Same for every dataset and horizon.
 """
 from __future__ import annotations
 

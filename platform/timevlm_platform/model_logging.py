@@ -9,6 +9,7 @@ import io
 import json
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import timevlm
 from timevlm.data.files import value_columns
 from timevlm.data.registry import get_dataset
 from timevlm.experiment import Prepared
+from timevlm_platform import tracking
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 PYFUNC_FILE = Path(__file__).with_name("forecast_pyfunc.py")
@@ -81,6 +83,32 @@ def save_forecast_model(p: Prepared, model: torch.nn.Module, dest: Path) -> Path
             signature=ModelSignature(outputs=infer_signature(example, out).outputs), input_example=example,
             pip_requirements=pip_requirements(), metadata=meta)
     return dest
+
+
+def publish_model(client: MlflowClient, run_id: str, path: str, name: str, params: dict[str, str] | None = None,
+           metrics: dict[str, float] | None = None) -> str:
+    """Publish a model saved on disk as the run's logged model, with the trial's parameters and metrics on it
+    (its page in MLflow shows them); tags the run with its URI, returns it. A replay after an outage finds the
+    model it already created (by name, on this run) instead of making a second one."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    model = next((m for m in found if m.name == name), None) or client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type="forecaster", params=params)
+    if model.status != LoggedModelStatus.READY:
+        client.log_model_artifacts(model.model_id, path)
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    if model.model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id)
+                                          for k, v in metrics.items()])
+    uri = f"models:/{model.model_id}"
+    client.set_tag(run_id, tracking.MODEL_URI_TAG, uri)
+    return uri
 
 
 def logged_model_name(trial_name: str) -> str:

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from timevlm.config import RunEnv
 from timevlm.errors import ConfigError
-from timevlm_platform import cluster_checks, faults, spool, study_results, tracking
+from timevlm_platform import cluster_checks, faults, settings, spool, study_results, tracking
 from timevlm_platform.console import TrialLines, quiet_driver, quiet_worker
 from timevlm_platform.driver import TrialContext, train_driver
 from timevlm_platform.search_space import forget_optuna_study, num_samples, param_space, scheduler, searcher, searcher_kind
@@ -109,7 +109,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
     client = MlflowClient(paths.tracking_uri)
     exp_name = opts.experiment_name or f"timevlm-{spec.name}"
     experiment_id, parent = _open_study_run(client, spec, exp_name, paths.tracking_uri, opts.resume, skipped)
-    spool_root = spool.tracking_spool_root(paths.storage, parent)
+    spool_root = settings.spool_root(paths.storage, parent)
     # the study's own run: its calls are journaled beside its trials' while MLflow is away (all its state is on disk)
     study = spool.DurableRun(client, parent, spool_root, count_delays=False)
     _start_ray(opts)
@@ -153,7 +153,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
           f"trials busy {busy:.0f}s in {concurrency} slot(s): cluster utilisation "
           f"{usage['cluster_utilisation']:.2f}", flush=True)
     study_results.finish_parent(study, table, usage)
-    delivery = spool.deliver_journals(study, max(30.0, deadline - time.monotonic()))
+    delivery = study_results.deliver_journals(study, max(30.0, deadline - time.monotonic()))
     if delivery["waiting"]:  # a registration still in the journal cannot be loaded yet: not announced
         registered = []
     return {"table": table, "best": bests, "parent_run_id": parent, "experiment_id": experiment_id,

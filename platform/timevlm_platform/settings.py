@@ -3,6 +3,7 @@ the feature cache, Ray's results and Optuna's storage. Resolved once per study (
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,3 +54,11 @@ def resolve_paths(data_dir: str | None = None, tracking_uri: str | None = None, 
         storage=_absolute(storage or os.environ.get("TIMEVLM_STORAGE_PATH") or str(home / "ray_results")),
         optuna_storage=(optuna_storage or os.environ.get("TIMEVLM_OPTUNA_STORAGE")
                         or default_optuna_storage(uri, home)))
+
+
+def spool_root(storage: str, parent_run_id: str) -> str:
+    """Where a study's MLflow calls wait while the server is away: beside its Ray results (shared storage on a
+    cluster, so the driver can send what a worker node left), else a local temporary folder."""
+    if "://" in storage:
+        return str(Path(tempfile.gettempdir()) / "timevlm-tracking-spool" / parent_run_id)
+    return str(Path(storage) / "tracking_spool" / parent_run_id)

@@ -9,7 +9,6 @@ value), params and tags are set to the same value, artifacts are overwritten.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -18,63 +17,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from timevlm_platform import tracking
-from timevlm_platform.console import PREFIX
-
-
-def _metrics(client: MlflowClient, run_id: str, points: list[list]) -> None:
-    client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
-
-
-def _artifact(client: MlflowClient, run_id: str, path: str, artifact_path: str | None) -> None:
-    if Path(path).is_dir():
-        client.log_artifacts(run_id, path, artifact_path)
-    else:
-        client.log_artifact(run_id, path, artifact_path)
-
-
-def _inputs(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    client.log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(**d["dataset"]), tags=[InputTag("mlflow.data.context", d["context"])])
-        for d in datasets])
-
-
-def _model(client: MlflowClient, run_id: str, path: str, name: str, params: dict[str, str] | None = None,
-           metrics: dict[str, float] | None = None) -> str:
-    """Publish a model saved on disk as the run's logged model, with the trial's parameters and metrics on it
-    (its page in MLflow shows them); tags the run with its URI, returns it. A replay after an outage finds the
-    model it already created (by name, on this run) instead of making a second one."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-    run = client.get_run(run_id)
-    experiment_id = run.info.experiment_id
-    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    model = next((m for m in found if m.name == name), None) or client.create_logged_model(
-        experiment_id, name=name, source_run_id=run_id, model_type="forecaster", params=params)
-    if model.status != LoggedModelStatus.READY:
-        client.log_model_artifacts(model.model_id, path)
-        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    if model.model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    if metrics:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id)
-                                          for k, v in metrics.items()])
-    uri = f"models:/{model.model_id}"
-    client.set_tag(run_id, tracking.MODEL_URI_TAG, uri)
-    return uri
-
-
-def _terminate(client: MlflowClient, run_id: str, status: str, end_time: int) -> None:
-    tracking.finish(client, run_id, ok=status == RunStatus.to_string(RunStatus.FINISHED), end_time=end_time)
+from timevlm_platform.mlflow_ops import FILE_ARGS, OPS
 
 
 # Answers that say the server is up and refuses the call itself: sending it again cannot succeed, so it is
@@ -97,25 +47,7 @@ def _report_rejection(run_id: str, op: str, e: Exception) -> None:
           f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
 
 
-OPS: dict[str, Callable[..., Any]] = {"metrics": _metrics, "params": tracking.log_params, "tags": tracking.set_tags,
-                                      "artifact": _artifact, "inputs": _inputs, "model": _model,
-                                      "terminate": _terminate}
-FILE_ARGS = {"artifact": "path", "model": "path"}  # ops whose file or folder is copied into the journal
-
-
-def op(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a journaled call made of several MLflow requests (`fn(client, run_id, **kw)`, its kw JSON): it
-    runs whole when the server answers, now or at a replay, so it may read what it needs from the server then
-    (the study's end: mark the best trial, register its model). It must be safe to run twice."""
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        OPS[name] = fn
-        return fn
-    return register
-
-
 def _run_op(client: MlflowClient, run_id: str, name: str, kw: dict[str, Any]) -> Any:
-    if name not in OPS:  # a study's own calls, replayed by a process that has not imported them yet
-        importlib.import_module("timevlm_platform.study_results")  # registers them
     return OPS[name](client, run_id, **kw)
 
 
@@ -223,7 +155,7 @@ class DurableRun:
         if not self.count_delays:
             return True
         try:  # the run says how many of its calls came late (visible in its metrics)
-            _metrics(self.client, self.run_id, [[tracking.SYSTEM_PREFIX + "tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
+            OPS["metrics"](self.client, self.run_id, [[tracking.SYSTEM_PREFIX + "tracking_calls_delayed", float(delayed), int(time.time() * 1000), 0]])
         except Exception:  # noqa: BLE001
             pass
         return True
@@ -259,29 +191,3 @@ def flush_all(client: MlflowClient, root: str | Path, timeout_s: float, last: st
         if not run.flush_until(max(0.0, deadline - time.monotonic())):
             left.append(run_id)
     return left
-
-
-def tracking_spool_root(storage: str, parent_run_id: str) -> str:
-    """Where a study's MLflow calls wait while the server is away: beside its Ray results (shared storage on a
-    cluster, so the driver can send what a worker node left), else a local temporary folder."""
-    if "://" in storage:
-        import tempfile
-
-        return str(Path(tempfile.gettempdir()) / "timevlm-tracking-spool" / parent_run_id)
-    return str(Path(storage) / "tracking_spool" / parent_run_id)
-
-
-def deliver_journals(study: DurableRun, timeout_s: float) -> dict[str, int]:
-    """The end of the study: send what its trials and its own run journaled while MLflow was away (waiting up to
-    timeout_s for the server), say how it went, and log the totals on the study's run."""
-    root = study.root
-    left = flush_all(study.client, root, timeout_s, last=study.run_id)
-    delayed, waiting = delayed_counts(root)
-    if delayed or waiting:
-        how = ("all sent" if not waiting else
-               f"{waiting} still waiting in {root} (MLflow did not answer for {timeout_s:.0f}s; runs "
-               f"{', '.join(r[:8] for r in left)}; --resume sends them)")
-        print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
-              file=sys.stderr if waiting else sys.stdout, flush=True)
-    study.log_metrics(tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting}))
-    return {"delayed": delayed, "waiting": waiting}

@@ -7,7 +7,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,81 +71,14 @@ def close_stopped(study: DurableRun, experiment_id: str, stopped: set[str], sche
         study.call("close_stopped", experiment_id=experiment_id, stopped=sorted(stopped), scheduler=scheduler)
 
 
-@spool.op("close_stopped")
-def _close_stopped(client: MlflowClient, parent_id: str, experiment_id: str, stopped: list[str],
-                   scheduler: str) -> None:
-    """A trial the scheduler stopped early is a normal outcome, not an error: its run is FINISHED and its name
-    and description say at which epoch it stopped. The run may still be RUNNING (its driver was ended before
-    it could close the run), or FAILED: the driver's TorchTrainer can raise while Tune tears the trial down,
-    and the driver then reports the teardown as a failure (seen in CI); both are corrected here. `stopped`:
-    the trial ids Tune reports as STOPPED. Runs already closed so are left alone (a replay changes nothing)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'",
-                              max_results=10000)
-    for run in runs:
-        if run.data.tags.get(tracking.TRIAL_TAG) not in stopped or tracking.OUTCOME_TAG in run.data.tags:
-            continue
-        epoch = int(run.data.metrics.get("epoch", 0))
-        outcome = f"stopped by {scheduler} at epoch {epoch}"
-        note = run.data.tags.get(tracking.DESCRIPTION_TAG, "")
-        tracking.set_tags(client, run.info.run_id, {
-            tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
-            tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
-                                      f"worse part of the trials that reached that epoch."})
-        if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
-            client.delete_tag(run.info.run_id, "failure_reason")
-        client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
-        # it ended with its last report, not now (the study closes it after every trial has finished)
-        last = [m.timestamp for m in client.get_metric_history(run.info.run_id, "epoch")]
-        tracking.finish(client, run.info.run_id, ok=True, end_time=max(last) if last else None)
-
-
 def fail_trial(run: DurableRun, reason: str) -> None:
-    """End a trial's run FAILED with its reason (a journaled call of the trial's run, see `_fail_trial`)."""
+    """End a trial's run FAILED with its reason (a journaled call of the trial's run, see `mlflow_ops.end_failed_trial`)."""
     run.call("fail_trial", reason=reason, end_time=int(time.time() * 1000))
-
-
-@spool.op("fail_trial")
-def _fail_trial(client: MlflowClient, run_id: str, reason: str, end_time: int) -> None:
-    """A trial's run ends FAILED with `failure_reason`, unless the study has already closed it as stopped by its
-    scheduler (`_close_stopped`): a stopped trial's driver can still be inside its TorchTrainer after Tune has
-    finished, and the teardown's error (the Train controller's placement group removed) then arrives after the
-    study's verdict, or is replayed from the journal after it. Tune's verdict wins in either order."""
-    if tracking.OUTCOME_TAG in client.get_run(run_id).data.tags:
-        return
-    tracking.finish(client, run_id, ok=False, reason=reason, end_time=end_time)
 
 
 def _metric_values(best, keys) -> dict[str, float]:
     return {k: float(best[k]) for k in keys
             if best.get(k) is not None and not (isinstance(best[k], float) and math.isnan(best[k]))}
-
-
-BEST_MARK = "[best] "  # in front: the runs table cuts long names at the end
-
-
-@spool.op("mark_best")
-def _mark_best(client: MlflowClient, parent: str, experiment_id: str, trial: str, prefix: str, tags: dict[str, str],
-               register: dict[str, Any] | None, tracking_uri: str) -> str | None:
-    """Mark a cell's best trial (its name starts with BEST_MARK), register its logged model as `register["name"]`
-    (once: a replay finds the version it made), and note both on the study's run. Returns "name/version" or None.
-    A journaled call of the study's run: it reads the trial's run (its id, its model) when the server answers."""
-    run = tracking.find_run(client, experiment_id, **{tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial})
-    registered = None
-    if run is not None:
-        tags = {**tags, f"{prefix}.run_id": run.info.run_id}
-        tracking.set_tags(client, run.info.run_id, {tracking.BEST_TAG: "true"})
-        if not run.info.run_name.startswith(BEST_MARK):
-            client.update_run(run.info.run_id, name=f"{BEST_MARK}{run.info.run_name}")
-        model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
-        if model_uri and register:
-            version = model_logging.register_best(client, tracking_uri, register["name"], model_uri,
-                                                  run.info.run_id, register["tags"], register["description"])
-            registered = f"{register['name']}/{version}"
-            tags[f"{prefix}.registered_model"] = registered
-            print(f"{PREFIX} registered {register['name']} version {version} (alias @best): trial {trial}, "
-                  f"model {model_uri}", flush=True)
-    tracking.set_tags(client, parent, tags)
-    return registered
 
 
 def _tag_best(study: DurableRun, tracking_uri, experiment_id, spec, cell, best, many_cells: bool) -> str | None:
@@ -225,3 +157,19 @@ def record_bests(study: DurableRun, tracking_uri: str, experiment_id: str, spec:
             registered += [name] if name else []
     log_study_metrics(study, spec, bests)
     return bests, registered
+
+
+def deliver_journals(study: DurableRun, timeout_s: float) -> dict[str, int]:
+    """The end of the study: send what its trials and its own run journaled while MLflow was away (waiting up to
+    timeout_s for the server), say how it went, and log the totals on the study's run."""
+    root = study.root
+    left = spool.flush_all(study.client, root, timeout_s, last=study.run_id)
+    delayed, waiting = spool.delayed_counts(root)
+    if delayed or waiting:
+        how = ("all sent" if not waiting else
+               f"{waiting} still waiting in {root} (MLflow did not answer for {timeout_s:.0f}s; runs "
+               f"{', '.join(r[:8] for r in left)}; --resume sends them)")
+        print(f"{PREFIX} MLflow: {delayed} call(s) were delayed while the tracking server was away; {how}",
+              file=sys.stderr if waiting else sys.stdout, flush=True)
+    study.log_metrics(tracking.system({"tracking_calls_delayed": delayed, "tracking_calls_waiting": waiting}))
+    return {"delayed": delayed, "waiting": waiting}
