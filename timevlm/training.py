@@ -28,6 +28,7 @@ from timevlm.kernels.memory import keep_freed_memory
 from timevlm.losses.alignment import AlignmentLosses
 from timevlm.losses.forecast import forecast_loss
 from timevlm.metrics import mae, mse
+from timevlm.model.contract import Aligned, Encoding, Switchable, lr_scale, unwrap
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -161,8 +162,8 @@ def validate(model: nn.Module, val: SplitData, feats: SplitFeatures | None, batc
     combination and left at the best: a branch is kept only where it lowers validation error, a selection on
     validation data like the choice of epoch. The choices are buffers, so they travel with the state_dict of
     the selected epoch; ties keep the earlier combination (every branch as trained first)."""
-    inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
-    switches = getattr(inner, "switches", {})
+    inner = unwrap(model)
+    switches = inner.switches if isinstance(inner, Switchable) else {}
     if not switches:
         return evaluate(model, val, feats, batch_size, device, amp)
     choices = [dict(zip(switches, values)) for values in itertools.product(*switches.values())]
@@ -187,8 +188,8 @@ def validate(model: nn.Module, val: SplitData, feats: SplitFeatures | None, batc
 
 def _train_mode(model: nn.Module) -> None:
     model.train()
-    inner = getattr(model, "module", model)
-    for name, choices in getattr(inner, "switches", {}).items():
+    inner = unwrap(model)
+    for name, choices in (inner.switches if isinstance(inner, Switchable) else {}).items():
         inner.set_switch(name, choices[0])  # training always sees every branch as learned
 
 
@@ -209,7 +210,7 @@ def _weight_average(model: nn.Module, decay: float | None) -> AveragedModel | No
     averaged (a memory bank's slots, Time-VLM's `initialized` flag): `_sync_buffers` copies the live ones in."""
     if decay is None:
         return None
-    encoder = getattr(model, "_encoder", None)  # an attached frozen VLM is shared, never copied
+    encoder = model.encoder if isinstance(model, Encoding) else None  # shared, never copied
     if encoder is not None:
         model.attach_encoder(None)
     try:
@@ -228,8 +229,8 @@ def _sync_buffers(ema: AveragedModel, model: nn.Module) -> nn.Module:
             torch.distributed.broadcast(live, 0)
     for avg, live in zip(ema.module.buffers(), model.buffers()):
         avg.copy_(live)
-    if hasattr(model, "_encoder"):
-        ema.module.attach_encoder(model._encoder)
+    if isinstance(model, Encoding):
+        ema.module.attach_encoder(model.encoder)
     return ema.module
 
 
@@ -245,12 +246,12 @@ def _unwrapped(state: dict[str, Any]) -> dict[str, Any]:
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where it has one for the device (CPU, CUDA): one pass over the parameters
     instead of a dozen per tensor. Elsewhere (MPS, ...) torch's default implementation. A parameter with an
-    `lr_scale` attribute (set by the network, e.g. Time-VLM's flatten head) trains at that multiple of the
+    learning-rate scale (contract.set_lr_scale, e.g. Time-VLM's flatten head) trains at that multiple of the
     learning rate: one parameter group per scale, each with its `lr_scale` (see `set_learning_rate`)."""
     fused = True if device.type in ("cpu", "cuda") else None
     scales: dict[float, list[nn.Parameter]] = {}
     for p in params:
-        scales.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+        scales.setdefault(lr_scale(p), []).append(p)
     groups = [{"params": ps, "lr": cfg.lr * scale, "lr_scale": scale} for scale, ps in scales.items()]
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
@@ -265,11 +266,11 @@ def _alignment(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Alig
     """The alignment losses `cfg` asks for, on the model's projected modality tokens; None when all are off."""
     if not (cfg.itm_weight or cfg.wpa_weight):
         return None
-    mm = getattr(model, "multimodal", None)
-    if mm is None or mm.vision_proj is None or mm.text_proj is None:
+    dim = model.modality_dim if isinstance(model, Aligned) else None
+    if dim is None:
         raise ValueError(f"itm_weight / wpa_weight align vision with text: {type(model).__name__} needs both its "
                          f"vision and text learners (use_val and use_tal) for them")
-    return AlignmentLosses(mm.modality.shape[-1], cfg.itm_weight, cfg.wpa_weight).to(device)
+    return AlignmentLosses(dim, cfg.itm_weight, cfg.wpa_weight).to(device)
 
 
 def configure_process(cfg: TrainConfig, device: torch.device) -> None:
@@ -291,7 +292,7 @@ class TrainStep:
             raise ConfigError("the TrainConfig still says `auto` (ema_decay or forecast_loss), which only the model "
                               "decides: train with ExperimentConfig(...).train, or TrainConfig.resolved(model_name)")
         self.model = model
-        self.inner = getattr(model, "module", model)  # DDP-wrapped in data-parallel trials
+        self.inner = unwrap(model)
         self.alignment = _alignment(self.inner, cfg, device)
         self.forecast_loss = cfg.forecast_loss
         self.parts: dict[str, torch.Tensor] = {}  # the last step's weighted alignment losses, by name
@@ -383,7 +384,7 @@ def fit(model: nn.Module, train: SplitData, val: SplitData, cfg: TrainConfig, *,
         improved = scores["mse"] < best_val
         if improved:
             best_val, best_epoch, bad = scores["mse"], epoch, 0
-            best_state = copy.deepcopy(getattr(scored, "module", scored).state_dict())
+            best_state = copy.deepcopy(unwrap(scored).state_dict())
         else:
             bad += 1
         m = EpochMetrics(epoch=epoch + 1, train_loss=total / max(count, 1), val_mse=scores["mse"],

@@ -47,7 +47,7 @@ class TimeVLMForecaster(PythonModel):
         self.pred_len = exp.model.pred_len
         model = build_model(exp.model)
         model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-        if getattr(model, "uses_features", False):
+        if model.uses_features:
             model.attach_encoder(feature_encoder(exp, "cpu"))
         self.model = model.eval()
 

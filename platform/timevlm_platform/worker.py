@@ -19,6 +19,7 @@ from timevlm.config import ExperimentConfig
 from timevlm.data.windows import SplitData
 from timevlm.experiment import Prepared, count_parameters, prepare, test_metrics
 from timevlm.features import SplitFeatures
+from timevlm.model.contract import unwrap
 from timevlm.training import (
     EpochMetrics,
     NonFiniteLossError,
@@ -216,7 +217,7 @@ def train_worker(config: dict[str, Any]) -> None:
             run.set_tags({"failure_reason": str(e)})
         _report_divergence(rank, last, str(e))
         return
-    ranks = _data_parallel_record(train, model.module if hasattr(model, "module") else model, world)
+    ranks = _data_parallel_record(train, unwrap(model), world)
     test = test_metrics(model, p)
     final = {**last, **test, "best_val_mse": result.best_val_mse, "best_epoch": result.best_epoch,
              "epochs_run": len(result.history), "stopped_early": int(result.stopped_early),
@@ -226,7 +227,7 @@ def train_worker(config: dict[str, Any]) -> None:
                          **tracking.system({"peak_mem_mb": final["peak_mem_mb"]})})
         # the model carries its test figures; best_val_mse stays the run's per-epoch curve only (a summary point
         # at step 0 would draw every chart of it as a V)
-        _log_model_and_plot(run, p, model.module if hasattr(model, "module") else model, config, test)
+        _log_model_and_plot(run, p, unwrap(model), config, test)
         if ranks is not None:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "data_parallel.json").write_text(json.dumps(ranks))

@@ -9,6 +9,7 @@ from torch import nn
 from timevlm.config import ModelConfig
 from timevlm.kernels.elementwise import linear_relu, patch_embedding, residual_linear, residual_linear_norm
 from timevlm.model.baselines import DecompositionLinear
+from timevlm.model.contract import set_lr_scale
 from timevlm.model.layers import Dropout, multihead_attention
 
 
@@ -149,9 +150,8 @@ class RAL(nn.Module):
             # embeddings (LayerNorm outputs) share their signs across windows, so one step moves the head's forecast
             # by ~lr x fan-in (~6 normalised units at d_model 128, seq_len 512: a first-epoch training loss of 12-15).
             # Scaled by seq_len / fan-in, its step moves the forecast as far as the linear map's does
-            # (training.make_optimizer reads `lr_scale`)
             for prm in self.head[-1].parameters():
-                prm.lr_scale = min(1.0, cfg.seq_len / self.head[-1].in_features)
+                set_lr_scale(prm, min(1.0, cfg.seq_len / self.head[-1].in_features))
             self.register_buffer("head_scale", torch.ones(()))
 
     def _head_scale(self, b: int, n: int, like: torch.Tensor) -> torch.Tensor | float:

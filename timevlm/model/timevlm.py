@@ -14,7 +14,8 @@ from timevlm.model.vlm.base import feature_dims
 
 
 class TimeVLM(nn.Module):
-    """forward(x [B, seq_len, N], features) -> [B, pred_len, N].
+    """forward(x [B, seq_len, N], features) -> [B, pred_len, N]. A `contract.Forecaster` that is also
+    Switchable, Encoding and Aligned.
 
     `features` are the frozen VLM's outputs for x (from the cache). Without them the attached
     MultimodalEncoder computes them on the fly (the end-to-end path); the two paths are interchangeable.
@@ -33,8 +34,20 @@ class TimeVLM(nn.Module):
         return self
 
     @property
+    def encoder(self) -> MultimodalEncoder | None:
+        return self._encoder
+
+    @property
     def uses_features(self) -> bool:
         return self.multimodal is not None
+
+    @property
+    def modality_dim(self) -> int | None:
+        """The width of the projected vision and text tokens; None without both learners (contract.Aligned)."""
+        mm = self.multimodal
+        if mm is None or mm.vision_proj is None or mm.text_proj is None:
+            return None
+        return mm.modality.shape[-1]
 
     def _switch_buffers(self) -> dict[str, torch.Tensor]:
         out = {}
