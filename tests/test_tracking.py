@@ -66,6 +66,13 @@ def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`best_val_mse`", True)  # best first
     assert view["selectedColumns"][:5] == ["metrics.`best_val_mse`", "metrics.`test_mse`", "metrics.`test_mae`",
                                            "params.`model.d_model`", "params.`variant`"]
+    # the chart view's first section: the searched parameters against the metric, then the curves
+    (section,), charts = view["compareRunSections"], view["compareRunCharts"]
+    assert {c["metricSectionId"] for c in charts} == {section["uuid"]}
+    assert [c["type"] for c in charts] == ["PARALLEL", "LINE", "LINE"]
+    assert (charts[0]["selectedParams"], charts[0]["selectedMetrics"]) == (["model.d_model", "variant"],
+                                                                          ["best_val_mse"])
+    assert [c["metricKey"] for c in charts[1:]] == ["val_mse", "train_loss"]
     assert tracking.experiment_url("http://h:5000/", exp) == (
         f"http://h:5000/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=timevlm")
 

@@ -72,15 +72,40 @@ def setup_experiment(client: MlflowClient, experiment_id: str, description: str,
                      searched: list[str], ascending: bool = True) -> None:
     """Make the experiment open as what it is: a model-training experiment (MLflow 3 otherwise opens an empty
     GenAI overview), described, with a shared view whose runs table shows the columns a study is read by, sorted
-    by the validation metric, best first. Sorted by a metric the UI lists runs flat (not nested under the study's
-    run); the study's run has no value under the trials' metric names (its own are `study/...`), so it sorts
-    after them instead of tying with its best trial."""
+    by the validation metric, best first, and whose chart view opens on the search (`chart_view`). Sorted by a
+    metric the UI lists runs flat (not nested under the study's run); the study's run has no value under the
+    trials' metric names (its own are `study/...`), so it sorts after them instead of tying with its best trial."""
     columns = [f"metrics.`{m}`" for m in (metric, "test_mse", "test_mae")]
     columns += [f"params.`{k}`" for k in searched] + ["attributes.`Models`", "attributes.`Dataset`"]
-    view = {"selectedColumns": columns, "orderByKey": f"metrics.`{metric}`", "orderByAsc": ascending}
+    view = {"selectedColumns": columns, "orderByKey": f"metrics.`{metric}`", "orderByAsc": ascending,
+            **chart_view(metric, searched)}
     for key, value in {"mlflow.experimentKind": "custom_model_development", DESCRIPTION_TAG: description,
                        f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}.items():
         client.set_experiment_tag(experiment_id, key, value)
+
+
+SEARCH_SECTION = "timevlm-search"  # the chart view's first section
+
+
+def chart_view(metric: str, searched: list[str]) -> dict[str, Any]:
+    """The chart view's first section, in the form MLflow's runs page keeps its charts (`compareRunSections`,
+    `compareRunCharts`): the searched parameters against the selection metric (parallel coordinates), then
+    the validation and training curves per epoch. The page adds every other metric below it, in sections of
+    its own."""
+    card = {"isGenerated": False, "deleted": False, "metricSectionId": SEARCH_SECTION, "runsCountToCompare": 10}
+    curve = {**card, "type": "LINE", "selectedMetricKeys": None, "lineSmoothness": 0, "xAxisScaleType": "linear",
+             "scaleType": "linear", "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "",
+             "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
+             "useGlobalLineSmoothing": True}
+    charts = [{**curve, "uuid": f"{SEARCH_SECTION}-{m}", "metricKey": m, "displayName": m}
+              for m in ("val_mse", "train_loss")]
+    params = [k for k in searched if k != "cell"]
+    if params:
+        charts.insert(0, {**card, "type": "PARALLEL", "uuid": f"{SEARCH_SECTION}-parallel",
+                          "selectedParams": params, "selectedMetrics": [metric], "showAllRuns": False})
+    section = {"uuid": SEARCH_SECTION, "name": f"Search: {', '.join(params)} against {metric}" if params
+               else "Curves", "display": True, "isReordered": True, "deleted": False, "isGenerated": False}
+    return {"compareRunSections": [section], "compareRunCharts": charts, "isAccordionReordered": True}
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
