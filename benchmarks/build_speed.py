@@ -77,7 +77,7 @@ def _cosine(a_path: str, b_path: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
 
-    from timevlm.train import apply_overrides
+    from timevlm.overrides import lay, parse_assignments
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ETTh1")
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "train": {"use_feature_cache": True, "progress": False}}
     runs: list[tuple[str, str | None, dict]] = []
     results: dict[str, list[dict]] = {}
-    import copy
     import tempfile
 
     with libraries(args.against) as libs, tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs.append((lib, path, base))
         for v in args.variant:
             name, _, sets = v.partition("=")
-            runs.append((name, None, apply_overrides(copy.deepcopy(base), sets.split(","))))
+            runs.append((name, None, lay(base, parse_assignments(sets.split(",")))))
         for r in range(args.rounds):
             for name, path, exp in runs:
                 spec = {"experiment": exp, "windows": args.windows, "threads": args.threads,

@@ -68,6 +68,7 @@ def plan_from_file(path: str) -> list[Run]:
     laid over the block's `config`; everything else is the library's defaults."""
     import yaml
 
+    from timevlm.overrides import lay
     from timevlm.presets import preset_overrides
 
     spec = yaml.safe_load(open(path))
@@ -77,12 +78,9 @@ def plan_from_file(path: str) -> list[Run]:
             for horizon in block["horizons"]:
                 for variant, settings in block["variants"].items():
                     settings = copy.deepcopy(settings or {})
-                    cfg = copy.deepcopy(block.get("config", {}))
                     preset = settings.pop("preset", None)
                     layers = ([preset_overrides(preset, dataset, horizon)] if preset else []) + [settings]
-                    for layer in layers:
-                        for section, values in layer.items():
-                            cfg.setdefault(section, {}).update(values)
+                    cfg = lay(block.get("config", {}), *layers)
                     for seed in block.get("seeds", SEEDS):
                         runs.append(Run(dataset, cfg["model"].get("seq_len", block.get("seq_len", 512)), horizon,
                                         variant, seed, copy.deepcopy(cfg)))

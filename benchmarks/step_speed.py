@@ -30,7 +30,7 @@ from pathlib import Path
 
 from harness import libraries, run_child, write_rows
 
-from timevlm.train import apply_overrides
+from timevlm.overrides import parse_assignments
 
 OUT = Path(__file__).resolve().parent / "results"
 # bf16: autocast; compile: torch.compile; compile-graphs: torch.compile(mode="reduce-overhead"), which on CUDA
@@ -289,7 +289,7 @@ def _model_spec(args, dataset: str) -> dict:
 
     info = get_dataset(dataset)
     return {"seq_len": args.seq_len, "pred_len": 96, "n_vars": info.n_vars, "periodicity": info.periodicity,
-            **apply_overrides({}, args.set).get("model", {})}
+            **parse_assignments(args.set).get("model", {})}
 
 
 def share(args) -> list[dict]:
@@ -345,7 +345,7 @@ def frozen_parameters(model: dict) -> int | None:
 def table7(args) -> list[dict]:
     from timevlm.data.registry import get_dataset
 
-    sets = apply_overrides({}, args.set).get("model", {})
+    sets = parse_assignments(args.set).get("model", {})
     frozen = frozen_parameters({"seq_len": args.seq_len, **sets})  # the same VLM for every dataset
     rows = []
     for name in TABLE7_DATASETS:

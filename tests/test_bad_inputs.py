@@ -36,7 +36,7 @@ CASES = {
     "malformed search space": ("ok", {"search": {"model.d_model": {"type": "normal", "mean": 64}}},
                                r"search.model.d_model.type: unknown distribution 'normal'"),
     "searched setting that does not exist": ("ok", {"search": {"model.dmodel": {"type": "choice", "values": [1]}}},
-                                             r"search.model.dmodel: not a setting"),
+                                             r"search.model.dmodel: unknown setting\(s\) in 'model': dmodel"),
     "out-of-range value": ("ok", {"fixed": {"model": {"seq_len": 96, "norm_const": -1}}},
                            r"norm_const must be in \(0, 10\], got -1"),
     "impossible combination": ("ok", {"fixed": {"model": {"seq_len": 96, "d_model": 30}}},

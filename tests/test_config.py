@@ -35,7 +35,7 @@ def test_other_sections_validate():
         TrainConfig(lr=5)
     with pytest.raises(ConfigError, match="ema_decay must be in \\(0, 1\\), auto or null, got 1"):
         TrainConfig(ema_decay=1)
-    with pytest.raises(ConfigError, match="unknown key\\(s\\) in 'model': dmodel"):
+    with pytest.raises(ConfigError, match="unknown setting\\(s\\) in 'model': dmodel"):
         ExperimentConfig.from_dict({"model": {"dmodel": 3}})
 
 

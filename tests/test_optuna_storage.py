@@ -85,7 +85,12 @@ def test_the_printed_optuna_dashboard_command_serves_the_study(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     _complete(_searcher(url), "t0", 0.7)
-    exe = shutil.which("optuna-dashboard")
+    import os
+    import sys
+
+    # the venv's scripts also when its python is run without activating it
+    exe = shutil.which("optuna-dashboard", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                                 os.environ.get("PATH", "")]))
     assert exe, "optuna-dashboard is a dependency: README command 1 installs it"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,12 +37,12 @@ def test_joint_study_searches_all_five():
 @pytest.mark.parametrize("mutate,msg", [
     (lambda d: d.pop("name"), "missing key 'name'"),
     (lambda d: d.update(budgett={}), r"unknown key\(s\) \['budgett'\]"),
-    (lambda d: d["search"].update({"model.d_modle": {"type": "choice", "values": [1]}}), r"search\.model\.d_modle: not a setting"),
+    (lambda d: d["search"].update({"model.d_modle": {"type": "choice", "values": [1]}}), r"search\.model\.d_modle: unknown setting\(s\) in 'model': d_modle"),
     (lambda d: d["search"].update({"model.d_model": {"type": "normal", "mu": 1}}), r"search\.model\.d_model\.type: unknown distribution 'normal'"),
     (lambda d: d["search"].update({"model.d_model": {"type": "choice"}}), r"search\.model\.d_model: 'choice' needs values"),
     (lambda d: d["search"].update({"train.lr": {"type": "loguniform", "low": 0, "high": 1}}), r"search\.train\.lr: loguniform needs low > 0"),
     (lambda d: d["search"].update({"train.lr": {"type": "uniform", "low": 2, "high": 1}}), r"search\.train\.lr: low must be a number below high"),
-    (lambda d: d["fixed"]["model"].update(seqlen=3), r"fixed\.model\.seqlen: unknown setting"),
+    (lambda d: d["fixed"]["model"].update(seqlen=3), r"fixed\.model: unknown setting\(s\) in 'model': seqlen"),
     (lambda d: d["fixed"]["model"].update(seq_len=8), r"seq_len \(8\) must be greater than patch_len"),
     (lambda d: d.update(datasets=["ETTh9"]), r"datasets: unknown dataset 'ETTh9'"),
     (lambda d: d.update(metric="test_mse"), r"metric: 'test_mse' must be one of"),
@@ -107,7 +107,7 @@ def test_reduced_budget_copy_is_its_own_study():
     assert load_study("default").with_smoke().with_overrides(epochs=2).experiment("ETTh1", 96, {}).train.epochs == 2
     with pytest.raises(ConfigError, match="model.norm_const is searched by study 'norm_const'"):
         base.with_overrides(settings=["model.norm_const=0.4"])
-    with pytest.raises(ConfigError, match="fixed.model.dmodel: unknown setting"):
+    with pytest.raises(ConfigError, match="--set model.dmodel=64: unknown setting\\(s\\) in 'model': dmodel"):
         base.with_overrides(settings=["model.dmodel=64"])
     with pytest.raises(ConfigError, match="budget: trials and epochs must be >= 1"):
         base.with_overrides(epochs=0)
@@ -158,7 +158,7 @@ def test_variants_and_presets_resolve_per_cell():
 
 @pytest.mark.parametrize("mutate,msg", [
     (lambda d: d.update(preset="paper"), "preset: unknown preset 'paper'; known: official, official_few_shot, official_zero_shot, long_input"),
-    (lambda d: d.update(variants={"a": {"model.d_modle": 1}}), "variants.a.model.d_modle: not a setting"),
+    (lambda d: d.update(variants={"a": {"model.d_modle": 1}}), "variants.a.model.d_modle: unknown setting"),
     (lambda d: d.update(variants={"a": {"preset": "x"}}), "variants.a.preset: unknown preset 'x'"),
     (lambda d: d.update(variants={"a": 3}), "variants.a: must map section.key"),
     (lambda d: d.update(variants={"a": {"preset": "official"}}, datasets=["Weather"], horizons=[720]),

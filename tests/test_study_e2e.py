@@ -19,6 +19,7 @@ from timevlm.config import DataConfig
 from timevlm.data.splits import build_splits
 from timevlm_platform import tracking
 from timevlm_platform.runner import RunOptions, run_study
+from timevlm_platform.search_space import tuner_groups
 from timevlm_platform.study import load_study
 
 pytestmark = pytest.mark.slow
@@ -198,7 +199,7 @@ def _two_cells_at_once(tmp_path, shared_cache, study, tuners):
     study_file = tmp_path / "s.yaml"
     study_file.write_text(yaml.safe_dump(study))
     spec = load_study(str(study_file))
-    assert [name for name, _ in spec.tuner_groups()] == tuners
+    assert [name for name, _ in tuner_groups(spec)] == tuners
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = run_study(spec, RunOptions(tracking_uri=uri, storage_path=str(tmp_path / "ray_results"),
                                      cache_dir=shared_cache, verbose=0))
@@ -306,7 +307,8 @@ def test_data_parallel_trial_trains_one_model_on_disjoint_shards(local_ray, tmp_
 def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
     """The tiny study's store served by a real `mlflow server`, opened in headless Chromium at the link tune.py
     prints: the experiment's runs with the study's columns, sorted by validation MSE with the best trial first
-    and marked, the study's run after its trials; the registered model and a trial's forecast plot render."""
+    and marked, the study's run after its trials; the chart view opens on the search; the registered model and a
+    trial's forecast plot render."""
     from browser import chromium_page, why_no_browser
     from mlflow_server import mlflow_server
 
@@ -336,6 +338,16 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
         for column in ("metrics.`best_val_mse`", "metrics.`test_mse`", "params.`model.norm_const`"):  # the view's
             page.locator(f"[role=columnheader][col-id='{column}']").first.wait_for()
         page.screenshot(path=str(shots / "runs.png"))
+        # the chart view opens on the search: the searched parameters against the selection metric, then the
+        # validation and training curves, before the sections MLflow makes for the other metrics
+        page.goto(tracking.experiment_url(base, out["experiment_id"]) + "&compareRunsMode=CHART")
+        section = f"Search: {', '.join(spec.searched_keys)} against {spec.metric}"
+        page.get_by_text(section[:30]).first.wait_for()
+        page.get_by_text("Parallel Coordinates").first.wait_for()
+        page.get_by_text("Model metrics").first.wait_for()
+        body = page.inner_text("body")
+        assert body.index(section[:30]) < body.index("val_mse") < body.index("train_loss") < body.index("Model metrics")
+        page.screenshot(path=str(shots / "charts.png"))
 
         page.goto(f"{base}/#/models/timevlm-e2e-ETTh1-24")
         page.get_by_text("Version 1").first.wait_for()

@@ -314,6 +314,9 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        unknown = sorted(set(d) - {"model", "data", "train"})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))}; use model, data, train")
         return cls(
             model=_build(ModelConfig, d.get("model", {}), "model"),
             data=_build(DataConfig, d.get("data", {}), "data"),
@@ -325,9 +328,22 @@ class ExperimentConfig:
         return {f"{sec}.{k}": v for sec, vals in self.to_dict().items() for k, v in vals.items()}
 
 
-def _build(cls: type, values: dict[str, Any], section: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def check_fields(section: str, names: Any, where: str = "") -> None:
+    """The one check that `names` are fields of `section` (model, data or train): a ConfigError naming the unknown
+    ones, and the known, otherwise. `where` says where they were written (a file, a key)."""
+    prefix = f"{where}: " if where else ""
+    if section not in SECTIONS:
+        raise ConfigError(f"{prefix}unknown section {section!r}; use {', '.join(SECTIONS)}")
+    known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    unknown = sorted(set(names) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in '{section}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{prefix}unknown setting(s) in '{section}': {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    check_fields(section, values)
     return cls(**values)

@@ -13,18 +13,8 @@ import json
 import yaml
 
 from timevlm.config import ExperimentConfig
-from timevlm.errors import ConfigError
 from timevlm.experiment import run_experiment
-
-
-def apply_overrides(base: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        path, value = item.split("=", 1)
-        section, key = path.split(".", 1)
-        base.setdefault(section, {})[key] = yaml.safe_load(value)
-    return base
+from timevlm.overrides import lay, parse_assignments
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     base = yaml.safe_load(open(args.config)) if args.config else {}
-    exp = ExperimentConfig.from_dict(apply_overrides(base or {}, args.set))
+    exp = ExperimentConfig.from_dict(lay(base or {}, parse_assignments(args.set)))
     out = run_experiment(exp)
     for e in out.pop("history"):
         print(f"epoch {e['epoch']:>2}  train {e['train_loss']:.4f}  val mse {e['val_mse']:.4f}  "

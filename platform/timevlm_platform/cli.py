@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from timevlm.errors import ConfigError, DataError
+from timevlm.overrides import short_name
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -100,7 +101,7 @@ def _print_summary(spec, out) -> None:
         print("\n== trials ==")
         print(out["table"].to_string(index=False))
     for label, best in out["best"].items():
-        params = {key: _plain(best[key.split(".", 1)[-1]]) for key in spec.searched_keys}
+        params = {key: _plain(best[short_name(key)]) for key in spec.searched_keys}
         print(f"\n== best on {label} (by validation {spec.metric}) ==\n"
               f"  trial {best['trial']}: {spec.metric} {best[spec.metric]:.4f}, test MSE {best['test_mse']:.4f}, "
               f"test MAE {best['test_mae']:.4f}\n  config: {params}")

@@ -8,6 +8,8 @@ from typing import Any
 
 from ray import tune
 
+from timevlm.overrides import short_name
+
 PREFIX = "[timevlm-platform]"
 
 
@@ -17,7 +19,7 @@ def _short(v: Any) -> str:
 
 def trial_line(label: str, config: dict[str, Any], trial_id: str, result: dict[str, Any], metric: str,
                status: str, n_done: int) -> str:
-    values = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in config.items() if k != "cell")
+    values = " ".join(f"{short_name(k)}={_short(v)}" for k, v in config.items() if k != "cell")
     head = " ".join(filter(None, [f"{PREFIX} trial {n_done}", label, values, f"#{trial_id.rsplit('_', 1)[-1]}"]))
     epochs, secs = result.get("epoch", 0), result.get("time_total_s", 0.0)
     if status == "ERROR":

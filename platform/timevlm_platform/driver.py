@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from timevlm.config import ExperimentConfig, RunEnv
+from timevlm.overrides import short_name
 from timevlm_platform import study_results, tracking
 from timevlm_platform.console import quiet_worker
 from timevlm_platform.spool import DurableRun
@@ -58,7 +59,7 @@ def trial_run_name(cell: Cell, config: dict[str, Any], trial_id: str) -> str:
     def short(v: Any) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    values = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in config.items() if k != CELL_KEY)
+    values = " ".join(f"{short_name(k)}={short(v)}" for k, v in config.items() if k != CELL_KEY)
     return " ".join(filter(None, [cell.label, values, f"#{trial_id.rsplit('_', 1)[-1]}"]))
 
 

@@ -25,6 +25,7 @@ from timevlm.config import ExperimentConfig, RunEnv
 from timevlm.experiment import feature_plan
 from timevlm.features import FeatureCache, SplitFeatures, cache_key
 from timevlm.model.multimodal import FEATURE_FIELDS, needs_features
+from timevlm.overrides import SettingKey
 from timevlm_platform.study import VARIANT_KEY, StudySpec
 
 WINDOWS_PER_BATCH = 256
@@ -71,8 +72,8 @@ def _grid_values(spec: StudySpec) -> tuple[list[dict[str, Any]], str]:
         if "values" in p.args:
             axes.append([(p.key, v) for v in p.args["values"]])
         else:  # a range: one value stands for all, which is exact unless the key changes the features
-            section, _, name = p.key.partition(".")
-            if section == "data" or name in FEATURE_FIELDS:
+            key = SettingKey.parse(p.key)
+            if key.section == "data" or key.field in FEATURE_FIELDS:
                 unlisted.append(p.key)
             axes.append([(p.key, p.args["low"])])
     if spec.variants:

@@ -23,9 +23,11 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from timevlm.errors import ConfigError  # noqa: E402
+from timevlm.overrides import short_name  # noqa: E402
 from timevlm_platform import tracking  # noqa: E402
 from timevlm_platform.paper import beside_paper, published  # noqa: E402
 from timevlm_platform.selection import LABEL, selection_gap, summary_line  # noqa: E402
+from timevlm_platform.search_space import tuner_groups  # noqa: E402
 from timevlm_platform.spool import DurableRun  # noqa: E402
 from timevlm_platform.study import VARIANT_KEY, StudySpec  # noqa: E402
 
@@ -231,7 +233,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
     client = MlflowClient(uri)
     exp_name = experiment or f"timevlm-{spec.name}"
     # where the study's Optuna searchers (one per cell) kept their trials
-    optuna_studies = {cells[0].label: f"{exp_name}/{run_name}" for run_name, cells in spec.tuner_groups()}
+    optuna_studies = {cells[0].label: f"{exp_name}/{run_name}" for run_name, cells in tuner_groups(spec)}
     parent, df = collect(client, exp_name, spec.name)
     if df.empty:
         raise ConfigError(f"study {spec.name!r} has no trial runs yet")
@@ -296,7 +298,7 @@ def write_report(spec: StudySpec, tracking_uri: str | None, out: str, experiment
                   _markdown(ablation), ""]
     figures = []
     if len(keys) == 1:
-        figures.append(sensitivity_plot(summary, keys[0], dest / f"sensitivity_{keys[0].split('.')[-1]}.png"))
+        figures.append(sensitivity_plot(summary, keys[0], dest / f"sensitivity_{short_name(keys[0])}.png"))
         lines += [f"![sensitivity]({figures[-1].name})", ""]
     elif len(keys) > 1 and spec.searcher == "optuna":
         best = df[df["best_val_mse"].notna()].sort_values("best_val_mse").head(5)

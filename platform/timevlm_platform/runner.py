@@ -24,7 +24,8 @@ from timevlm.errors import ConfigError
 from timevlm_platform import cluster_checks, faults, settings, spool, study_results, tracking
 from timevlm_platform.console import TrialLines, quiet_driver, quiet_worker
 from timevlm_platform.driver import TrialContext, train_driver
-from timevlm_platform.search_space import forget_optuna_study, num_samples, param_space, scheduler, searcher, searcher_kind
+from timevlm_platform.search_space import (forget_optuna_study, num_samples, param_space, scheduler, searcher,
+                                           searcher_kind, tuner_groups)
 from timevlm_platform.settings import StudyPaths, resolve_paths
 from timevlm_platform.study import CELL_KEY, StudySpec
 
@@ -127,7 +128,7 @@ def run_study(spec: StudySpec, opts: RunOptions) -> dict[str, Any]:
                             opts.worker_max_failures, optuna_storage=paths.optuna_storage,
                             optuna_study=f"{exp_name}/{run_name}", quiet=opts.verbose < 2, spool_root=spool_root,
                             tracking_wait_s=opts.tracking_wait_s), _resumes(spec, opts, paths, exp_name, run_name))
-              for run_name, group in spec.tuner_groups()]
+              for run_name, group in tuner_groups(spec)]
 
     t_trials, t_fit = time.time(), time.perf_counter()
     tables = _fit_groups(groups, concurrency, opts.verbose)

@@ -1,4 +1,5 @@
-"""Study parameters -> Ray Tune search space, searcher and scheduler."""
+"""A study on Ray Tune: how its cells map onto Tune experiments, its parameters as Tune's search space, its
+searcher and scheduler."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from timevlm_platform.study import VARIANT_KEY, Param, StudySpec
+from timevlm_platform.study import VARIANT_KEY, Cell, Param, StudySpec
+
+
+def tuner_groups(spec: StudySpec) -> list[tuple[str, list[Cell]]]:
+    """How the study's cells map onto Tune experiments: (stable run name, cells). A grid study without
+    early stopping runs every cell in one Tuner (cells become a `cell` grid parameter), so all its trials
+    compete for the cluster's trial slots at once. A searched (Optuna) or ASHA study keeps one Tuner per
+    cell: its searcher and scheduler must only compare trials of one dataset and horizon."""
+    cells = spec.cells()
+    if spec.searcher == "grid" and spec.scheduler.type == "fifo":
+        return [(spec.name, cells)]
+    return [(f"{spec.name}-{c.label}", [c]) for c in cells]
 
 
 def to_domain(p: Param) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from timevlm.overrides import short_name
+
 LABEL = "test-selected (diagnostic: the official search script's choice by test MSE; not a result)"
 CELL_COLUMNS = ("dataset", "test_dataset", "percent", "horizon")
 
@@ -30,7 +32,7 @@ def selection_gap(trials: pd.DataFrame, keys: list[str], val: str = "best_val_ms
     rows = []
     for where, g in configs.groupby(cell, dropna=False, sort=False):
         by_val, by_test = g.loc[g[val].idxmin()], g.loc[g[test].idxmin()]
-        label = (lambda r: ", ".join(f"{k.split('.', 1)[-1]}={r[k]}" for k in keys) or "-")
+        label = (lambda r: ", ".join(f"{short_name(k)}={r[k]}" for k in keys) or "-")
         rows.append({**dict(zip(cell, where if isinstance(where, tuple) else (where,))), "configs": len(g),
                      "val_selected": label(by_val), "val_selected_test_mse": float(by_val[test]),
                      "test_selected": label(by_test), "test_selected_test_mse": float(by_test[test]),

@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
-from timevlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from timevlm.config import ExperimentConfig, check_fields
 from timevlm.data.registry import DATASETS
 from timevlm.errors import ConfigError
+from timevlm.overrides import SettingKey, lay, nest, parse_assignments, short_name
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 DISTRIBUTIONS = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"),
                  "loguniform": ("low", "high"), "int": ("low", "high"), "quniform": ("low", "high", "q")}
 METRICS = ("best_val_mse", "best_val_mae")
@@ -105,26 +105,16 @@ class StudySpec:
         variant's preset and settings, the sampled params, then forced settings (reduced budgets)."""
         from timevlm.presets import preset_overrides
 
-        d: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self.fixed.items()}
         params = dict(params)
         variant = dict(self.variants[params.pop(VARIANT_KEY)]) if VARIANT_KEY in params else {}
-        for preset in (self.preset, variant.pop("preset", None)):
-            if preset:
-                for section, values in preset_overrides(preset, dataset, horizon).items():
-                    d.setdefault(section, {}).update(values)
-        d.setdefault("data", {})["dataset"] = dataset
-        if test_dataset:
-            d["data"]["test_dataset"] = test_dataset
-        if self.protocol.get("type") == "few_shot":
-            d["data"]["percent"] = int(self.protocol.get("percent", 10))
-        d.setdefault("model", {})["pred_len"] = horizon
-        d.setdefault("train", {}).setdefault("epochs", self.epochs)
-        for key, value in {**variant, **params}.items():
-            section, name = key.split(".", 1)
-            d.setdefault(section, {})[name] = value
-        for section, values in self.forced.items():
-            d.setdefault(section, {}).update(values)
-        return ExperimentConfig.from_dict(d)
+        presets = [preset_overrides(p, dataset, horizon) for p in (self.preset, variant.pop("preset", None)) if p]
+        cell = {"data": {"dataset": dataset, **({"test_dataset": test_dataset} if test_dataset else {}),
+                         **({"percent": int(self.protocol.get("percent", 10))}
+                            if self.protocol.get("type") == "few_shot" else {})},
+                "model": {"pred_len": horizon}}
+        budget = {"train": {"epochs": self.epochs}}  # under everything else: a preset's or a file's epochs win
+        return ExperimentConfig.from_dict(lay(budget, self.fixed, *presets, cell, nest({**variant, **params}),
+                                              self.forced))
 
     @property
     def searched_keys(self) -> list[str]:
@@ -136,16 +126,6 @@ class StudySpec:
             pairs = self.protocol.get("pairs") or ZERO_SHOT_PAIRS
             return [Cell(src, h, tgt) for (src, tgt), h in itertools.product(pairs, self.horizons)]
         return [Cell(ds, h) for ds, h in itertools.product(self.datasets, self.horizons)]
-
-    def tuner_groups(self) -> list[tuple[str, list[Cell]]]:
-        """How the study's cells map onto Tune experiments: (stable run name, cells). A grid study without
-        early stopping runs every cell in one Tuner (cells become a `cell` grid parameter), so all its trials
-        compete for the cluster's trial slots at once. A searched (Optuna) or ASHA study keeps one Tuner per
-        cell: its searcher and scheduler must only compare trials of one dataset and horizon."""
-        cells = self.cells()
-        if self.searcher == "grid" and self.scheduler.type == "fifo":
-            return [(self.name, cells)]
-        return [(f"{self.name}-{c.label}", [c]) for c in cells]
 
     def without_values(self, key: str, drop: list[Any]) -> "StudySpec":
         """A copy whose grid/choice over `key` leaves out `drop` (the same study: its name does not change)."""
@@ -190,8 +170,6 @@ class StudySpec:
         experiment, Ray results and `--resume` never mix with the full study's. `report` with the same flags
         finds it again.
         """
-        from timevlm.train import apply_overrides
-
         s = dataclasses.replace(self, fixed={k: dict(v) for k, v in self.fixed.items()},
                                 forced={k: dict(v) for k, v in self.forced.items()})
         tags = []
@@ -205,13 +183,13 @@ class StudySpec:
         if datasets:
             s.datasets, tags = list(datasets), tags + list(datasets)
         if settings:
-            searched = {p.key for p in self.search}
-            for item in settings:
-                if item.split("=", 1)[0] in searched:
-                    raise ConfigError(f"--set {item}: {item.split('=', 1)[0]} is searched by study {self.name!r}")
-            apply_overrides(s.fixed, settings)
-            apply_overrides(s.forced, settings)
-            tags += [item.split(".", 1)[-1].replace("=", "") for item in settings]
+            layer = parse_assignments(settings)
+            for section, values in layer.items():
+                for name in values:
+                    if f"{section}.{name}" in {p.key for p in self.search}:
+                        raise ConfigError(f"--set: {section}.{name} is searched by study {self.name!r}, not a fixed setting")
+            s.fixed, s.forced = lay(s.fixed, layer), lay(s.forced, layer)
+            tags += [short_name(item).replace("=", "") for item in settings]  # as typed: d_model64
         if not tags:
             return self
         s.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join([self.name, *tags]))
@@ -237,17 +215,11 @@ class StudySpec:
             if not isinstance(h, int) or h <= 0:
                 raise ConfigError(f"{where}: horizons: {h!r} is not a positive integer")
         for section, values in self.fixed.items():
-            if section not in _SECTIONS:
-                raise ConfigError(f"{where}: fixed.{section}: unknown section; use model, data or train")
             if not isinstance(values, dict):
                 raise ConfigError(f"{where}: fixed.{section}: must be a mapping")
-            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
-            for k in values:
-                if k not in known:
-                    raise ConfigError(f"{where}: fixed.{section}.{k}: unknown setting")
+            check_fields(section, values, where=f"{where}: fixed.{section}")
         for p in self.search:
-            if not _is_setting(p.key):
-                raise ConfigError(f"{where}: search.{p.key}: not a setting (use section.field, e.g. model.d_model)")
+            _setting(p.key, f"{where}: search.{p.key}")
         from timevlm.presets import PRESETS
 
         if not isinstance(self.variants, dict):
@@ -258,8 +230,8 @@ class StudySpec:
                 raise ConfigError(f"{where}: variants.{vname}: must map section.key to a value (or preset: NAME)")
             presets.append((f"variants.{vname}.preset", settings.get("preset")))
             for key in settings:
-                if key != "preset" and not _is_setting(key):
-                    raise ConfigError(f"{where}: variants.{vname}.{key}: not a setting (use section.field or preset)")
+                if key != "preset":
+                    _setting(key, f"{where}: variants.{vname}.{key}")
         for name, preset in presets:
             if preset is not None and preset not in PRESETS:
                 raise ConfigError(f"{where}: {name}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -296,10 +268,11 @@ class StudySpec:
                     raise ConfigError(f"{where}{label}: {e}") from None
 
 
-def _is_setting(key: str) -> bool:
-    """Whether `key` names a config field as `section.field` (e.g. model.d_model)."""
-    section, _, name = key.partition(".")
-    return section in _SECTIONS and name in {f.name for f in dataclasses.fields(_SECTIONS[section])}
+def _setting(key: str, where: str) -> SettingKey:
+    try:
+        return SettingKey.parse(key)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _first_value(p: Param) -> Any:
@@ -352,19 +325,16 @@ def parse_study(data: dict[str, Any], source: str = "") -> StudySpec:
             raise ConfigError(f"{where}: {key}: unknown key(s) {bad}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
-    spec = StudySpec(
-        name=str(data["name"]), description=str(data.get("description", "")),
-        datasets=list(data.get("datasets", ["ETTh1"])), horizons=list(data.get("horizons", [96])),
-        fixed=data.get("fixed") or {},
-        search=[_parse_param(k, v, where) for k, v in (data.get("search") or {}).items()],
-        searcher=data.get("searcher", "optuna"),
-        trials=int(budget.get("trials", 4)), epochs=int(budget.get("epochs", 3)),
-        resources=sub(Resources, "resources"), scheduler=sub(Scheduler, "scheduler"),
-        metric=data.get("metric", "best_val_mse"), mode=data.get("mode", "min"),
-        seed=int(data.get("seed", 2021)), seeds=int(data.get("seeds", 1)), smoke=data.get("smoke") or {},
-        protocol=data.get("protocol") or {"type": "long_term"}, preset=data.get("preset"),
-        variants=data.get("variants") or {}, unavailable_vlms=str(data.get("unavailable_vlms", "error")),
-        source=source)
+    # only what the file says: every default is StudySpec's own
+    given = {k: data[k] for k in ("description", "searcher", "metric", "mode", "preset", "unavailable_vlms")
+             if data.get(k) is not None}
+    given.update({k: list(data[k]) for k in ("datasets", "horizons") if data.get(k) is not None})
+    given.update({k: int(data[k]) for k in ("seed", "seeds") if data.get(k) is not None})
+    given.update({k: int(budget[k]) for k in ("trials", "epochs") if k in budget})
+    given.update({k: data[k] for k in ("fixed", "smoke", "protocol", "variants") if data.get(k)})
+    spec = StudySpec(name=str(data["name"]), resources=sub(Resources, "resources"),
+                     scheduler=sub(Scheduler, "scheduler"), source=source,
+                     search=[_parse_param(k, v, where) for k, v in (data.get("search") or {}).items()], **given)
     spec.validate()
     return spec
 

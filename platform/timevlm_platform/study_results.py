@@ -13,6 +13,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from timevlm.overrides import short_name
 from timevlm_platform import model_logging, selection, spool, tracking
 from timevlm_platform.console import PREFIX
 from timevlm_platform.spool import DurableRun
@@ -29,7 +30,7 @@ def trials_table(results: tune.ResultGrid, spec: StudySpec, cells: dict[str, Cel
         row = {"dataset": cell.dataset, **({"test_dataset": cell.test_dataset} if zero_shot else {}),
                "horizon": cell.horizon,
                "trial": m.get("trial_id", r.path.rsplit("_", 2)[-2] if r.path else "?"), "status": status}
-        row.update({key.split(".", 1)[-1]: r.config.get(key) for key in spec.searched_keys})
+        row.update({short_name(key): r.config.get(key) for key in spec.searched_keys})
         if spec.seeds > 1:
             row["seed"] = r.config.get("train.seed")
         row.update({"epochs": m.get("epoch"), spec.metric: m.get(spec.metric),
@@ -87,14 +88,14 @@ def _tag_best(study: DurableRun, tracking_uri, experiment_id, spec, cell, best, 
     trial has no model to register."""
     prefix = f"best.{cell.label.replace('-', '.')}"
     tags = {f"{prefix}.trial": best["trial"], f"{prefix}.{spec.metric}": best[spec.metric]}
-    tags.update({f"{prefix}.{key}": best[key.split('.', 1)[-1]] for key in spec.searched_keys})
+    tags.update({f"{prefix}.{key}": best[short_name(key)] for key in spec.searched_keys})
     metrics = _metric_values(best, (spec.metric, "test_mse", "test_mae"))
     name = model_logging.registered_name(spec.name, cell.label)
     register = {"name": name, "description": f"Best trial of study {spec.name} on {cell.label}, chosen on "
                                               f"validation {spec.metric}.",
                 "tags": {k: str(v) for k, v in {**metrics, "trial": best["trial"], "study": spec.name,
                                                 "cell": cell.label,
-                                                **{k: best[k.split('.', 1)[-1]] for k in spec.searched_keys}}.items()}}
+                                                **{k: best[short_name(k)] for k in spec.searched_keys}}.items()}}
     done = study.call("mark_best", experiment_id=experiment_id, trial=str(best["trial"]), prefix=prefix,
                       tags={k: str(v) for k, v in tags.items()}, register=register, tracking_uri=tracking_uri)
     if many_cells:  # the cell's own figures, grouped under its label in MLflow's charts
@@ -114,7 +115,7 @@ def log_study_metrics(study: DurableRun, spec, bests: dict) -> None:
 def log_selection_gap(study: DurableRun, spec: StudySpec, table: pd.DataFrame) -> pd.DataFrame:
     """The selection gap of the study's trials (timevlm_platform.selection: a diagnostic beside the validation
     choice, which alone decides `@best`): printed, and on the study's run as `diagnostic/*` metrics and a CSV."""
-    keys = [k.split(".", 1)[-1] for k in spec.searched_keys]
+    keys = [short_name(k) for k in spec.searched_keys]
     gap = selection.selection_gap(table, keys, val=spec.metric) if len(table) else pd.DataFrame()
     if gap.empty or gap["configs"].max() < 2:  # one configuration per cell: nothing to choose between
         return gap
