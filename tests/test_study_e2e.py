@@ -346,7 +346,11 @@ def test_mlflow_ui_in_a_real_browser_shows_the_study(tiny_study, tmp_path):
         page.get_by_text("Parallel Coordinates").first.wait_for()
         page.get_by_text("Model metrics").first.wait_for()
         body = page.inner_text("body")
-        assert body.index(section[:30]) < body.index("val_mse") < body.index("train_loss") < body.index("Model metrics")
+        first = body.index(section[:30])  # the chart sections, in page order, start with the search's
+        titles = [body.index(t, first) for t in ("Parallel Coordinates", "\nval_mse\n", "\ntrain_loss\n",
+                                                  "Model metrics")]  # the charts' titles, each on its line
+        assert titles == sorted(titles), titles
+        assert "Model metrics" not in body[:first]
         page.screenshot(path=str(shots / "charts.png"))
 
         page.goto(f"{base}/#/models/timevlm-e2e-ETTh1-24")
