@@ -56,6 +56,32 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TrainingFailedError")
 
 
+
+def test_a_stop_verdict_landing_inside_the_drivers_failure_still_wins(tmp_path, monkeypatch):
+    """The order CI met: the dying driver reads its run (no verdict yet), the study closes the run as stopped,
+    then the driver's FAILED write lands. The run must end FINISHED, without the teardown's failure_reason."""
+    from timevlm_platform import mlflow_ops
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = c.create_experiment("timevlm-asha-race")
+    parent = tracking.parent_run(c, exp, "asha", False, {})
+    trial = tracking.child_run(c, exp, parent, "t0", "ETTh1-24 d_model=32 #00000", {})
+    tracking.log_metrics(c, trial, {"epoch": 2, "val_mse": 0.9}, step=2)
+    study = DurableRun(c, parent, tmp_path / "spool", count_delays=False)
+    real_finish = tracking.finish
+
+    def verdict_first(client, run_id, ok, reason="", end_time=None):
+        if not ok:  # the driver has checked for a verdict and is about to write FAILED: the study closes now
+            monkeypatch.setattr(tracking, "finish", real_finish)
+            close_stopped(study, exp, {"t0"})
+        real_finish(client, run_id, ok, reason=reason, end_time=end_time)
+
+    monkeypatch.setattr(tracking, "finish", verdict_first)
+    mlflow_ops.end_failed_trial(c, trial, "ActorDiedError: its placement group was removed", int(time.time() * 1000))
+    run = c.get_run(trial)
+    assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 2"
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags, (run.info.status, run.data.tags)
+    assert run.info.end_time == c.get_metric_history(trial, "epoch")[-1].timestamp
+
 def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = c.create_experiment("timevlm-x")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from timevlm_platform import model_logging, tracking
@@ -57,22 +58,39 @@ def close_stopped_runs(client: MlflowClient, parent_id: str, experiment_id: str,
             tracking.OUTCOME_TAG: outcome, "stopped_by": f"scheduler ({scheduler} early stop)",
             tracking.DESCRIPTION_TAG: f"{note}\n\n**{outcome.capitalize()}**: its validation loss was in the "
                                       f"worse part of the trials that reached that epoch."})
-        if "failure_reason" in run.data.tags:  # the teardown's error, not the trial's
-            client.delete_tag(run.info.run_id, "failure_reason")
         client.update_run(run.info.run_id, name=f"{run.info.run_name} [{outcome}]")
-        # it ended with its last report, not now (the study closes it after every trial has finished)
-        last = [m.timestamp for m in client.get_metric_history(run.info.run_id, "epoch")]
-        tracking.finish(client, run.info.run_id, ok=True, end_time=max(last) if last else None)
+        _settle_stopped(client, run.info.run_id)
 
 
 def end_failed_trial(client: MlflowClient, run_id: str, reason: str, end_time: int) -> None:
-    """A trial's run ends FAILED with `failure_reason`, unless the study has already closed it as stopped by its
-    scheduler (`close_stopped_runs`): a stopped trial's driver can still be inside its TorchTrainer after Tune has
-    finished, and the teardown's error (the Train controller's placement group removed) then arrives after the
-    study's verdict, or is replayed from the journal after it. Tune's verdict wins in either order."""
-    if tracking.OUTCOME_TAG in client.get_run(run_id).data.tags:
+    """A trial's run ends FAILED with `failure_reason`, unless the study has closed it as stopped by its scheduler
+    (`close_stopped_runs`): a stopped trial's driver can still be inside its TorchTrainer after Tune has finished,
+    and the teardown's error (the Train controller's placement group removed) then arrives after the study's
+    verdict, during it, or is replayed from the journal after it. Tune's verdict wins in every order: both sides
+    end by settling the run from what it holds after their own write (`_settle_stopped`)."""
+    if _settle_stopped(client, run_id):
         return
     tracking.finish(client, run_id, ok=False, reason=reason, end_time=end_time)
+    _settle_stopped(client, run_id)  # the verdict may have landed between the check above and this write
+
+
+def _settle_stopped(client: MlflowClient, run_id: str) -> bool:
+    """If the run carries the scheduler's verdict, make the run say it: FINISHED at its last report, with no
+    `failure_reason` (the teardown's error, not the trial's). True if it carries the verdict. Called after each
+    side's write, so whichever of the study and the dying driver writes last, a later read sees the verdict."""
+    run = client.get_run(run_id)
+    if tracking.OUTCOME_TAG not in run.data.tags:
+        return False
+    if "failure_reason" in run.data.tags:
+        try:
+            client.delete_tag(run_id, "failure_reason")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # else the other side deleted it first
+                raise
+    # it ended with its last report, not now (the study closes it after every trial has finished)
+    last = [m.timestamp for m in client.get_metric_history(run_id, "epoch")]
+    tracking.finish(client, run_id, ok=True, end_time=max(last) if last else None)
+    return True
 
 
 BEST_MARK = "[best] "  # in front: the runs table cuts long names at the end
