@@ -10,7 +10,7 @@ import pandas as pd
 
 from mlflow.tracking import MlflowClient
 
-from timevlm_platform import tracking
+from timevlm_platform import mlflow_ops, tracking
 from timevlm_platform.console import trial_line
 from timevlm_platform.spool import DurableRun
 from timevlm_platform.study_results import close_stopped, fail_trial, trial_busy_seconds, utilisation
@@ -56,11 +56,9 @@ def test_a_trial_stopped_by_asha_is_finished_and_says_when(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TrainingFailedError")
 
 
-
 def test_a_stop_verdict_landing_inside_the_drivers_failure_still_wins(tmp_path, monkeypatch):
     """The order CI met: the dying driver reads its run (no verdict yet), the study closes the run as stopped,
     then the driver's FAILED write lands. The run must end FINISHED, without the teardown's failure_reason."""
-    from timevlm_platform import mlflow_ops
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = c.create_experiment("timevlm-asha-race")
     parent = tracking.parent_run(c, exp, "asha", False, {})
@@ -81,6 +79,7 @@ def test_a_stop_verdict_landing_inside_the_drivers_failure_still_wins(tmp_path, 
     assert run.data.tags[tracking.OUTCOME_TAG] == "stopped by ASHA at epoch 2"
     assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags, (run.info.status, run.data.tags)
     assert run.info.end_time == c.get_metric_history(trial, "epoch")[-1].timestamp
+
 
 def test_experiment_opens_on_runs_with_the_studys_columns(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
